@@ -1,0 +1,52 @@
+"""MLflow names: the one place that says what every run, tag, param and metric is called.
+
+One experiment per sweep (named after the sweep); in it one parent run for the sweep and one child
+run per trial. A WSD branch (a decay forked from a trial's stable phase) is a child run of its own,
+tagged with its parent trial's id, so each branch is a final point in the points table.
+Metric steps are tokens seen, so curves of different batch sizes line up.
+"""
+
+# Tags
+TAG_ROLE = "scaling.role"            # "sweep" | "trial" | "branch"
+TAG_SWEEP = "scaling.sweep"          # sweep name
+TAG_TRIAL_ID = "scaling.trial_id"    # trial (or branch) id
+TAG_PARENT_TRIAL = "scaling.parent_trial_id"  # branches only
+TAG_STATUS = "scaling.status"        # one of STATUSES
+TAG_ERROR = "scaling.error"          # one line: why a trial failed or diverged
+TAG_DIVERGED_STEP = "scaling.diverged_at_tokens"
+TAG_REPEATS_DATA = "scaling.repeats_data"  # "true" when a trial saw some training tokens twice
+
+ROLE_SWEEP, ROLE_TRIAL, ROLE_BRANCH = "sweep", "trial", "branch"
+
+PENDING, RUNNING, FINISHED, FAILED, DIVERGED, KILLED, PRUNED = (
+    "pending", "running", "finished", "failed", "diverged", "killed", "pruned",
+)
+STATUSES = (PENDING, RUNNING, FINISHED, FAILED, DIVERGED, KILLED, PRUNED)
+DONE = (FINISHED, DIVERGED, PRUNED)  # a re-run sweep trains none of these again
+
+# Params beyond the flattened trial config (which is logged as "model.d_model", "train.lr", ...)
+PARAM_N_TOTAL = "N_total"
+PARAM_N_NONEMBED = "N_nonembed"
+PARAM_N_ACTIVE = "N_active"
+PARAM_N_EMBED = "N_embed"
+PARAM_E = "E"
+PARAM_D = "D"
+PARAM_FLOPS_6N = "flops_6N"          # training FLOPs of the whole run, 6 * N_active * D
+PARAM_FLOPS_EXACT = "flops_exact"    # training FLOPs of the whole run, exact (attention, head, router)
+PARAM_FLOPS_PER_TOKEN_EXACT = "flops_per_token_exact"
+PARAM_DATA_HASH = "data_hash"
+PARAM_TRIAL_ID = "trial_id"
+
+# Metrics, step = tokens seen
+TRAIN_LOSS = "train/loss"            # nats per token, training batch
+VAL_LOSS = "val/loss"                # nats per token, fixed validation set
+VAL_BPB = "val/bpb"                  # bits per byte, same evaluation
+FLOPS = "flops"                      # exact training FLOPs so far
+LR = "lr"
+TOKENS_PER_S = "perf/tokens_per_s"
+MFU = "perf/mfu"                     # exact FLOPs/s over the device's peak (GPU only)
+EPOCHS = "data/epochs"               # passes over the unique training tokens so far
+ROUTER_PREFIX = "router/"            # router/layer{i}/{load_max,dropped,aux_loss,z_loss}
+
+# Artifacts on the sweep's parent run
+ARTIFACT_DIR = "results"

@@ -1,0 +1,121 @@
+"""One resolved trial: the contract between the spec (sweeps/) and the runners.
+
+A TrialConfig holds every choice that changes what a trial computes, and nothing that only changes
+how fast or where it runs (those are in Runtime). Its id is a hash of that content, so the same trial
+in a re-run sweep, or on another machine, has the same id: it is the MLflow tag, the checkpoint
+folder name and the row key of the points table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from models.config import Frozen, ModelConfig
+
+DEFAULT_SOURCE = "stdlib"
+
+
+class DataConfig(Frozen):
+    """Where the text comes from and how it becomes tokens."""
+
+    source: str = Field(
+        DEFAULT_SOURCE,
+        description="'stdlib' (this Python's standard library sources, on any machine), "
+        "or a path or glob of .txt/.gz/.xz/.jsonl/.parquet files, comma-separated for several",
+    )
+    text_field: str = Field("text", description="field holding the text in JSON lines or parquet")
+    separator: str | None = Field(
+        None, description="split files into documents at this line (e.g. '<|endoftext|>'); None = one document a file"
+    )
+    tokenizer: str = Field("byte", description="'byte', 'bpe' (trained on the training split), or a tokenizer.json path")
+    vocab_size: int | None = Field(None, ge=259, description="BPE vocabulary size (tokenizer 'bpe' only)")
+    val_fraction: float = Field(0.02, gt=0.0, lt=0.5, description="share of documents held out, chosen by a hash of each document")
+    val_tokens: int = Field(65536, ge=256, description="tokens of the fixed validation set each evaluation reads")
+    max_bytes: int | None = Field(None, ge=1, description="read at most this many bytes of text (whole documents, in a fixed order)")
+    content_hash: str = Field("", description="filled in by sweep expansion: hash of the source files' bytes")
+
+    @model_validator(mode="after")
+    def _tokenizer_options(self) -> DataConfig:
+        if self.tokenizer == "bpe" and self.vocab_size is None:
+            raise ValueError("tokenizer 'bpe' needs vocab_size (e.g. 8192)")
+        if self.tokenizer != "bpe" and self.vocab_size is not None:
+            raise ValueError("vocab_size is only for tokenizer 'bpe'")
+        return self
+
+
+class ScheduleConfig(Frozen):
+    """Learning-rate schedule. Fractions are of the trial's total tokens."""
+
+    kind: Literal["cosine", "constant", "wsd"] = "cosine"
+    warmup: float = Field(0.02, ge=0.0, lt=1.0, description="warm-up as a fraction of the tokens")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine floor / WSD end, as a fraction of lr")
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="WSD: share of each run (or branch) spent decaying")
+    decay_shape: Literal["linear", "1-sqrt", "cosine"] = "1-sqrt"
+    branches: tuple[int, ...] = Field(
+        (), description="WSD only: token counts at which a decay branch forks from the stable phase (each gives a final point)"
+    )
+
+    @model_validator(mode="after")
+    def _branches_need_wsd(self) -> ScheduleConfig:
+        if self.branches and self.kind != "wsd":
+            raise ValueError("branches need schedule kind 'wsd' (cosine runs have one final point)")
+        if list(self.branches) != sorted(set(self.branches)):
+            raise ValueError("branches must be increasing token counts without repeats")
+        return self
+
+
+class TrainConfig(Frozen):
+    """Optimisation choices of one trial. Batch size and token counts are in tokens."""
+
+    tokens: int = Field(ge=1, description="D: training tokens of the main run")
+    batch_size: int = Field(ge=1, description="tokens per optimizer step (a multiple of the sequence length)")
+    lr: float = Field(gt=0.0)
+    schedule: ScheduleConfig = ScheduleConfig()
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    init_std: float = Field(0.02, gt=0.0)
+    seed: int = 0
+    eval_points: int = Field(8, ge=1, description="log-spaced evaluations over the run, the last at the end")
+    spike_threshold: float = Field(3.0, gt=1.0, description="diverged if train loss exceeds this times its running minimum")
+
+
+class TrialConfig(Frozen):
+    """Everything that decides what a trial computes; its hash is the trial id."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    budget: float | None = Field(None, description="the IsoFLOP compute budget this trial belongs to, if any")
+
+    @property
+    def trial_id(self) -> str:
+        return trial_id(self)
+
+
+def trial_id(trial: TrialConfig) -> str:
+    """12 hex digits of the sha256 of the canonical JSON of the trial (sorted keys, no whitespace)."""
+    canonical = json.dumps(trial.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+class Resources(Frozen):
+    """What a trial asks Ray for. Not part of the trial's identity."""
+
+    cpus: float = Field(1.0, gt=0.0)
+    gpus: float | Literal["auto"] = Field(0.0, description="a GPU share in [0, 1], a whole number, or 'auto' from the memory estimate")
+
+
+class Runtime(Frozen):
+    """How a trial runs: device, precision, compile, checkpointing. Not part of its identity."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile: on for CUDA, off on CPU by default")
+    micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward pass; None = whole batch (gradient accumulation below it)")
+    checkpoint_every_s: float = Field(60.0, gt=0.0, description="seconds between checkpoints")
+    max_retries: int = Field(2, ge=0, description="retries of a trial whose worker died or raised")
