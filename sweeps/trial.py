@@ -56,7 +56,8 @@ class ScheduleConfig(Frozen):
     decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="WSD: share of each run (or branch) spent decaying")
     decay_shape: Literal["linear", "1-sqrt", "cosine"] = "1-sqrt"
     branches: tuple[int, ...] = Field(
-        (), description="WSD only: token counts at which a decay branch forks from the stable phase (each gives a final point)"
+        (), description="WSD only: final token counts of decay branches; each forks from the stable phase at "
+        "(1 - decay_fraction) of its count and gives one final point"
     )
 
     @model_validator(mode="after")
@@ -83,6 +84,12 @@ class TrainConfig(Frozen):
     seed: int = 0
     eval_points: int = Field(8, ge=1, description="log-spaced evaluations over the run, the last at the end")
     spike_threshold: float = Field(3.0, gt=1.0, description="diverged if train loss exceeds this times its running minimum")
+
+    @model_validator(mode="after")
+    def _branches_inside_run(self) -> TrainConfig:
+        if self.schedule.branches and self.schedule.branches[-1] >= self.tokens:
+            raise ValueError(f"branch at {self.schedule.branches[-1]} tokens is not shorter than the run ({self.tokens} tokens)")
+        return self
 
 
 class TrialConfig(Frozen):
