@@ -68,6 +68,10 @@ class ScheduleConfig(Frozen):
             raise ValueError("branches must be increasing token counts without repeats")
         return self
 
+    def fork_tokens(self, branch: int, batch_size: int) -> int:
+        """Where the branch ending at `branch` tokens leaves the stable phase: whole steps, at least one."""
+        return max(batch_size, round((1 - self.decay_fraction) * branch / batch_size) * batch_size)
+
 
 class TrainConfig(Frozen):
     """Optimisation choices of one trial. Batch size and token counts are in tokens."""
@@ -115,7 +119,8 @@ class Resources(Frozen):
     """What a trial asks Ray for. Not part of the trial's identity."""
 
     cpus: float = Field(1.0, gt=0.0)
-    gpus: float | Literal["auto"] = Field(0.0, description="a GPU share in [0, 1], a whole number, or 'auto' from the memory estimate")
+    gpus: float | Literal["auto"] = Field("auto", description="a GPU share in [0, 1], a whole number, or 'auto' from the memory estimate")
+    gpu_memory_gb: float | None = Field(None, gt=0.0, description="memory of one GPU; None = ask a GPU worker")
 
 
 class Runtime(Frozen):

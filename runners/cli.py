@@ -1,0 +1,133 @@
+"""`scaling`: the command line. Bad input ends with one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The exception classes whose message is meant for the user (one line each)."""
+    from fitting.errors import FitInputError
+    from runners.data import DataError
+    from sweeps.errors import SpecError
+
+    return (SpecError, FitInputError, DataError)
+
+
+def _spec(args):
+    from sweeps.spec import load_spec
+
+    return load_spec(args.spec)
+
+
+def cmd_plan(args) -> int:
+    from runners import pipeline
+
+    spec = _spec(args)
+    table = pipeline.plan_table(spec, pipeline.plan(spec))
+    if args.format == "csv":
+        pipeline.write_plan_csv(table, args.out)
+    else:
+        pipeline.print_plan(spec, table)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from runners import pipeline
+
+    return pipeline.run(_spec(args), address=args.address, fit=not args.no_fit, cache_dir=args.cache_dir)
+
+
+def cmd_export(args) -> int:
+    from runners import pipeline
+    from runners.tracking import SweepRuns
+
+    spec = _spec(args)
+    pipeline.export(spec, SweepRuns(spec.name))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from rich.table import Table
+
+    from runners import pipeline
+
+    table = pipeline.status(_spec(args))
+    show = Table(title="trials")
+    for c in table.columns:
+        show.add_column(c)
+    for _, r in table.iterrows():
+        show.add_row(*["" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
+    pipeline.console.print(show)
+    pipeline.console.print(table.status.value_counts().to_string())
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from runners.tracking import tracking_uri
+
+    uri = args.uri or tracking_uri()
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fitting.commands import add_fit_parser, add_predict_parser
+
+    parser = argparse.ArgumentParser(prog="scaling", description="Scaling-law sweeps on Ray, tracked in MLflow, fitted into laws.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="expand a spec into trials and show counts, FLOPs and time, running nothing")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--format", choices=["table", "csv"], default="table")
+    p.add_argument("--out", type=Path, help="write the CSV here instead of stdout")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="run every trial not yet done, then fit and export the law")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--no-fit", action="store_true", help="train only; export later with `scaling export`")
+    p.add_argument("--cache-dir", type=Path, default=None, help="token cache (default: $SCALING_CACHE or ~/.cache/scaling-harness)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", help="collect the sweep's points from MLflow, fit, and write results/<sweep>/")
+    p.add_argument("spec", type=Path)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("status", help="each trial's state from MLflow")
+    p.add_argument("spec", type=Path)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1 for the store sweeps log to")
+    p.add_argument("--uri", default=None, help="tracking store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    add_fit_parser(sub)
+    add_predict_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The whole job, stage by stage: plan a spec, run its trials, collect points, fit and export the law."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import ray
+from rich.console import Console
+from rich.table import Table
+
+from runners import names
+from runners.collect import collect_points
+from runners.data import content_hash, prepare_data, vocab_size_of
+from runners.sweep import SweepOutcome, connect, run_trials
+from runners.tracking import SweepRuns
+from sweeps.expand import HparamsAt, PlannedTrial, expand
+from sweeps.spec import SweepSpec
+
+console = Console()
+
+# Rough sustained training FLOP/s, for the plan's time estimate only: one CPU core at fp32 on tiny
+# models, and an H100 at 30% MFU. The real figures are logged per trial as perf/tokens_per_s.
+ASSUMED_FLOPS_PER_S = {"cpu": 1.5e10, "cuda": 0.3 * 989e12}
+
+
+def _hparams_at(spec: SweepSpec) -> HparamsAt | None:
+    if spec.hparams_law is None:
+        return None
+    from fitting import hparams_at, load_law
+
+    law = load_law(spec.hparams_law)
+    return lambda n, d, c: hparams_at(law, N=n, D=d, C=c)
+
+
+def plan(spec: SweepSpec) -> list[PlannedTrial]:
+    return expand(spec, vocab_size=vocab_size_of(spec.data), content_hash=content_hash(spec.data),
+                  hparams_at=_hparams_at(spec))
+
+
+def _device(spec: SweepSpec) -> str:
+    if spec.runtime.device != "auto":
+        return spec.runtime.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def plan_table(spec: SweepSpec, planned: list[PlannedTrial]) -> pd.DataFrame:
+    """One row per trial: identity, counts under every convention, compute and estimated time."""
+    rate = ASSUMED_FLOPS_PER_S[_device(spec)] * (spec.resources.cpus if _device(spec) == "cpu" else 1)
+    rows = []
+    for p in planned:
+        m, t = p.trial.model, p.trial.train
+        rows.append({
+            "trial_id": p.trial_id, "family": m.family, "E": m.n_experts,
+            "N_total": p.params.total, "N_nonembed": p.params.nonembed, "N_active": p.params.active,
+            "D": p.D, "budget": p.trial.budget, "flops_6N": p.flops_6N, "flops_exact": p.flops_exact,
+            "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
+            "lr": t.lr, "batch_size": t.batch_size, "seed": t.seed, "branches": " ".join(map(str, t.schedule.branches)),
+            "est_seconds": p.compute_exact / rate,
+        })
+    return pd.DataFrame(rows)
+
+
+def print_plan(spec: SweepSpec, table: pd.DataFrame) -> None:
+    show = Table(title=f"sweep {spec.name}: {len(table)} trials")
+    cols = ["trial_id", "family", "E", "N_active", "D", "budget", "d_model", "n_layers", "lr", "batch_size", "flops_6N", "est_seconds"]
+    for c in cols:
+        show.add_column(c, justify="right")
+    for _, r in table.iterrows():
+        show.add_row(*[f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+    console.print(show)
+    cpus = spec.resources.cpus
+    console.print(f"total: {table.flops_6N.sum():.3g} FLOPs (6N), {table.flops_exact.sum():.3g} FLOPs (exact); "
+                  f"about {table.est_seconds.sum() / 60:.1f} trial-minutes at {cpus:g} CPU(s) a trial, "
+                  "divided by how many run at once. N = active non-embedding parameters.")
+
+
+def export(spec: SweepSpec, runs: SweepRuns) -> Path:
+    """Points from MLflow -> results/<sweep>/ (points.csv, law.json, plots), also logged on the sweep's run."""
+    from fitting.export import export_laws
+
+    out = spec.results_dir / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    points = collect_points(runs, spec.fit)
+    points.to_csv(out / "points.csv", index=False)
+    meta = {"sweep": spec.name, "data_content_hash": content_hash(spec.data),
+            "N": spec.fit.params, "C": spec.fit.flops, "loss": "validation nats per token"}
+    summary = export_laws(points, out, meta=meta, bootstrap=spec.fit.bootstrap)
+    runs.client.log_artifacts(runs.parent_id, str(out), names.ARTIFACT_DIR)
+    summary.print(console)
+    return out
+
+
+def run(spec: SweepSpec, *, address: str | None, fit: bool = True, cache_dir: Path | None = None) -> int:
+    """Plan, run what is not done yet, and export. Exit code: 0 when every trial ended in a done state."""
+    planned = plan(spec)
+    console.print(f"sweep {spec.name}: {len(planned)} trials planned")
+    runs = SweepRuns(spec.name)  # creates the store and experiment once, before any worker opens it
+    prepare_data(spec.data, cache_dir)  # tokenize once here, so the trials find the cache and bad data fails early
+    started = connect(address)
+    try:
+        outcome = run_trials(spec, planned, runs, cache_dir=cache_dir)
+    finally:
+        if started:
+            ray.shutdown()
+    _print_outcome(outcome)
+    if outcome.interrupted:
+        console.print("stopped: running trials were checkpointed and marked killed; run the same command to resume")
+        return 130
+    if fit:
+        export(spec, runs)
+    return 0 if not outcome.errors else 1
+
+
+def _print_outcome(outcome: SweepOutcome) -> None:
+    counts: dict[str, int] = {}
+    for s in outcome.statuses.values():
+        counts[s] = counts.get(s, 0) + 1
+    console.print("trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                  + (f" ({outcome.skipped} already done, not trained again)" if outcome.skipped else ""))
+    for trial_id, error in outcome.errors.items():
+        console.print(f"  failed {trial_id}: {error}")
+
+
+def status(spec: SweepSpec) -> pd.DataFrame:
+    """Each planned trial's state from MLflow (pending when it has no run yet)."""
+    planned = plan(spec)
+    existing = SweepRuns(spec.name).runs(names.ROLE_TRIAL)
+    rows = []
+    for p in planned:
+        run = existing.get(p.trial_id)
+        tags = run.data.tags if run else {}
+        metrics = run.data.metrics if run else {}
+        rows.append({"trial_id": p.trial_id, "N_active": p.params.active, "D": p.D,
+                     "status": tags.get(names.TAG_STATUS, names.PENDING), "val_loss": metrics.get(names.VAL_LOSS),
+                     "error": tags.get(names.TAG_ERROR, "")})
+    return pd.DataFrame(rows)
+
+
+def write_plan_csv(table: pd.DataFrame, path: Path | None) -> None:
+    text = table.to_csv(index=False)
+    if path is None:
+        print(text, end="")
+    else:
+        path.write_text(text)

@@ -1,0 +1,69 @@
+"""Live progress of a sweep: a small Ray actor the trials report to, and a rich progress bar over it."""
+
+from __future__ import annotations
+
+import ray
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from runners import names
+
+
+@ray.remote
+class Board:
+    """Which trials have started and how far each has got (fraction of its main run)."""
+
+    def __init__(self):
+        self.fraction: dict[str, float] = {}
+
+    def started(self, trial_id: str) -> None:
+        self.fraction.setdefault(trial_id, 0.0)
+
+    def evaluated(self, trial_id: str, fraction: float) -> None:
+        self.fraction[trial_id] = min(1.0, fraction)
+
+    def snapshot(self) -> dict:
+        return {"running": list(self.fraction), "fraction": dict(self.fraction)}
+
+
+class SweepProgress:
+    """done / running / failed, and an ETA weighted by each trial's compute."""
+
+    def __init__(self, total: int, skipped: int, compute: dict[str, float], console: Console | None = None):
+        self.total, self.compute = total, compute
+        self.counts = {"done": skipped, "failed": 0}
+        self.finished_ids: set[str] = set()
+        self.fraction: dict[str, float] = {}
+        self.running: set[str] = set()
+        self.console = console or Console(stderr=True)
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}% of compute"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False,
+        )
+        self.task = self.bar.add_task(self._describe(), total=max(sum(compute.values()), 1.0))
+
+    def _describe(self) -> str:
+        return (f"trials: done {self.counts['done']}/{self.total}  running {len(self.running)}  "
+                f"failed {self.counts['failed']}")
+
+    def update(self, snapshot: dict) -> None:
+        self.fraction |= snapshot["fraction"]
+        self.running = set(snapshot["running"]) - self.finished_ids
+        completed = sum(self.compute[t] * (1.0 if t in self.finished_ids else f)
+                        for t, f in self.fraction.items() if t in self.compute)
+        completed += sum(self.compute[t] for t in self.finished_ids - set(self.fraction) if t in self.compute)
+        self.bar.update(self.task, completed=completed, description=self._describe())
+
+    def finished(self, trial_id: str, status: str) -> None:
+        self.finished_ids.add(trial_id)
+        self.running.discard(trial_id)
+        self.counts["failed" if status in (names.FAILED, names.KILLED) else "done"] += 1
+        self.bar.console.log(f"trial {trial_id} {status}")
+        self.update({"running": [], "fraction": {}})
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)

@@ -1,0 +1,175 @@
+"""Running a sweep on Ray: one Ray task per trial, MLflow as the record of what is done.
+
+Why Ray core tasks and not Ray Tune: a trial here is one function that checkpoints itself into its
+own folder and logs into its own MLflow run, so what Tune adds (experiment state, trial actors,
+restore) would be a second record of progress next to MLflow's, and its restore resumes from the
+checkpoint it last recorded, one behind what is on disk. Tasks give what is needed: resource-based
+placement and packing (fractional GPUs), retries of a task whose worker died or raised, and
+cancellation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from runners import names
+from runners.progress import Board, SweepProgress
+from runners.resources import ray_options
+from runners.tracking import SweepRuns, flatten, set_status
+from runners.worker import TrialJob, run_job
+from sweeps.expand import PlannedTrial
+from sweeps.spec import SweepSpec
+
+
+@dataclass
+class SweepOutcome:
+    statuses: dict[str, str] = field(default_factory=dict)  # trial id -> status
+    errors: dict[str, str] = field(default_factory=dict)    # trial id -> one-line error
+    skipped: int = 0                                        # already done in MLflow
+    interrupted: bool = False
+
+
+def trial_params(p: PlannedTrial) -> dict[str, str]:
+    """The run's params: the resolved trial config plus the counts a fit needs."""
+    return flatten("", p.trial.model_dump(mode="json")) | {
+        names.PARAM_TRIAL_ID: p.trial_id,
+        names.PARAM_N_TOTAL: str(p.params.total), names.PARAM_N_NONEMBED: str(p.params.nonembed),
+        names.PARAM_N_ACTIVE: str(p.params.active), names.PARAM_N_EMBED: str(p.params.embedding),
+        names.PARAM_E: str(p.trial.model.n_experts), names.PARAM_D: str(p.D),
+        names.PARAM_FLOPS_6N: f"{p.flops_6N:.6g}", names.PARAM_FLOPS_EXACT: f"{p.flops_exact:.6g}",
+        names.PARAM_FLOPS_PER_TOKEN_EXACT: f"{p.flops.train_exact:.6g}",
+        names.PARAM_DATA_HASH: p.trial.data.content_hash,
+    }
+
+
+def branch_id(trial_id: str, end: int) -> str:
+    return f"{trial_id}-b{end}"
+
+
+def register(runs: SweepRuns, planned: list[PlannedTrial]) -> dict[str, tuple[str, dict[int, str]]]:
+    """Create (or find) each trial's run and its branches' runs: trial id -> (run id, {branch end: run id})."""
+    out = {}
+    for p in planned:
+        params = trial_params(p)
+        run_id = runs.trial_run(p.trial_id, params)
+        branches = {
+            end: runs.trial_run(branch_id(p.trial_id, end), params | {names.PARAM_D: str(end)}, role=names.ROLE_BRANCH,
+                                tags={names.TAG_PARENT_TRIAL: p.trial_id}, run_name=f"{p.trial_id} branch D={end}")
+            for end in p.trial.train.schedule.branches
+        }
+        out[p.trial_id] = (run_id, branches)
+    return out
+
+
+def connect(address: str | None) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray on loopback. True if we started it."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    import os
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+        return False
+    ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    return True
+
+
+def gpu_memory_bytes(declared_gb: float | None) -> int | None:
+    """Memory of one of the cluster's GPUs (None without GPUs): declared, or asked of a GPU worker."""
+    if not ray.cluster_resources().get("GPU"):
+        return None
+    if declared_gb:
+        return int(declared_gb * 2**30)
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def probe() -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+
+    return ray.get(probe.remote(), timeout=300)
+
+
+def run_trials(spec: SweepSpec, planned: list[PlannedTrial], runs: SweepRuns, *, cache_dir: Path | None) -> SweepOutcome:
+    """Run every trial not yet done; returns what happened to each. Ctrl-C cancels cleanly."""
+    outcome = SweepOutcome()
+    ids = register(runs, planned)
+    existing = runs.runs(names.ROLE_TRIAL)
+    done = {t for t, r in existing.items() if r.data.tags.get(names.TAG_STATUS) in names.DONE}
+    todo = [p for p in planned if p.trial_id not in done]
+    outcome.skipped = len(planned) - len(todo)
+    for t in done & {p.trial_id for p in planned}:
+        outcome.statuses[t] = existing[t].data.tags[names.TAG_STATUS]
+
+    gpu_mem = gpu_memory_bytes(spec.resources.gpu_memory_gb)
+    board = Board.options(num_cpus=0).remote()
+    task = ray.remote(_run_on_ray)
+    refs = {}
+    for p in todo:
+        run_id, branches = ids[p.trial_id]
+        job = TrialJob(
+            trial_json=p.trial.model_dump_json(), runtime_json=spec.runtime.model_dump_json(), run_id=run_id,
+            branch_run_ids=branches, tracking_uri=runs.uri,
+            workdir=str((spec.checkpoint_dir / spec.name / p.trial_id).resolve()),
+            cache_dir=str(cache_dir) if cache_dir else None, cpus=spec.resources.cpus,
+        )
+        options = ray_options(p, spec.resources, spec.runtime, gpu_mem)
+        refs[task.options(name=f"trial-{p.trial_id}", **options).remote(job, board, p.D)] = p
+
+    progress = SweepProgress(total=len(planned), skipped=outcome.skipped, compute={p.trial_id: p.compute_exact for p in todo})
+    try:
+        with progress:
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+                progress.update(ray.get(board.snapshot.remote()))
+                for ref in ready:
+                    trial_id = refs[ref].trial_id
+                    try:
+                        outcome.statuses[trial_id] = ray.get(ref)["status"]
+                    except (ray.exceptions.RayError, Exception) as e:  # retries are spent: record and go on
+                        outcome.statuses[trial_id] = names.FAILED
+                        outcome.errors[trial_id] = _one_line(e)
+                        set_status(runs.client, ids[trial_id][0], names.FAILED, **{names.TAG_ERROR: outcome.errors[trial_id]})
+                    progress.finished(trial_id, outcome.statuses[trial_id])
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+        _stop(refs, board, ids, runs, outcome)
+    return outcome
+
+
+def _run_on_ray(job: TrialJob, board, tokens_total: int) -> dict:
+    trial_id = Path(job.workdir).name
+    board.started.remote(trial_id)
+
+    def report(tokens: int, val_loss: float) -> bool:
+        board.evaluated.remote(trial_id, tokens / tokens_total)
+        return False
+
+    return run_job(job, on_eval=report)
+
+
+def _stop(refs: dict, board, ids: dict, runs: SweepRuns, outcome: SweepOutcome) -> None:
+    """Cancel every trial (a running one checkpoints and stops) and mark the running ones killed."""
+    running = set(ray.get(board.snapshot.remote())["running"])
+    for ref in refs:
+        ray.cancel(ref)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and ray.wait(list(refs), num_returns=len(refs), timeout=1.0)[1]:
+        pass
+    for trial_id in running:
+        outcome.statuses[trial_id] = names.KILLED
+        set_status(runs.client, ids[trial_id][0], names.KILLED)
+
+
+def _one_line(e: BaseException) -> str:
+    cause = getattr(e, "cause", None) or e
+    text = f"{type(cause).__name__}: {cause}".strip().splitlines()
+    return (text[-1] if text else type(cause).__name__)[:500]

@@ -1,0 +1,166 @@
+"""MLflow: where the sweep's runs live, and the sink trials log their curves through.
+
+The driver creates the experiment, the sweep's parent run and one child run per trial (and per WSD
+branch) before any trial starts: this avoids the sqlite schema race between workers and guarantees
+one run per trial however often Ray retries it. Workers only log into the run they are handed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from runners import names
+
+BATCH = 1000  # MLflow's limit of metrics per log_batch request
+PARAMS_PER_REQUEST = 100
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else a sqlite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def flatten(prefix: str, value) -> dict[str, str]:
+    """A nested config as MLflow params: {"model.d_model": "64", ...}."""
+    if isinstance(value, Mapping):
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            out |= flatten(f"{prefix}.{k}" if prefix else str(k), v)
+        return out
+    return {prefix: str(value)}
+
+
+class SweepRuns:
+    """The experiment of one sweep and its runs, looked up by tag so re-runs find them again."""
+
+    def __init__(self, sweep: str, uri: str | None = None):
+        self.uri = uri or tracking_uri()
+        self.client = client(self.uri)
+        self.sweep = sweep
+        experiment = self.client.get_experiment_by_name(sweep)
+        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(sweep)
+        self.parent_id = self._find_or_create(names.ROLE_SWEEP, sweep, run_name=f"sweep {sweep}", tags={})
+
+    def runs(self, role: str | None = None) -> dict[str, object]:
+        """trial id -> Run for every trial (or branch) run of the sweep."""
+        query = f"tags.`{names.TAG_SWEEP}` = '{self.sweep}'"
+        if role:
+            query += f" and tags.`{names.TAG_ROLE}` = '{role}'"
+        found = self.client.search_runs([self.experiment_id], query, max_results=50000)
+        return {r.data.tags[names.TAG_TRIAL_ID]: r for r in found if names.TAG_TRIAL_ID in r.data.tags}
+
+    def _find_or_create(self, role: str, trial_id: str, run_name: str, tags: dict[str, str]) -> str:
+        query = f"tags.`{names.TAG_ROLE}` = '{role}' and tags.`{names.TAG_TRIAL_ID}` = '{trial_id}'"
+        found = self.client.search_runs([self.experiment_id], query, max_results=1)
+        if found:
+            return found[0].info.run_id
+        base = {names.TAG_ROLE: role, names.TAG_SWEEP: self.sweep, names.TAG_TRIAL_ID: trial_id,
+                "mlflow.runName": run_name}
+        if role != names.ROLE_SWEEP:
+            base |= {"mlflow.parentRunId": self.parent_id, names.TAG_STATUS: names.PENDING}
+        run = self.client.create_run(self.experiment_id, tags=base | tags, run_name=run_name)
+        if role != names.ROLE_SWEEP:
+            # Pending until a worker picks it up; MLflow's own status follows ours (see set_status).
+            self.client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.SCHEDULED))
+        return run.info.run_id
+
+    def trial_run(self, trial_id: str, params: dict[str, str], *, role: str = names.ROLE_TRIAL,
+                  tags: dict[str, str] | None = None, run_name: str | None = None) -> str:
+        """The run of a trial (or branch), created with its params the first time."""
+        run_id = self._find_or_create(role, trial_id, run_name or trial_id, tags or {})
+        logged = self.client.get_run(run_id).data.params
+        todo = [Param(k, v[:6000]) for k, v in params.items() if k not in logged]
+        for i in range(0, len(todo), PARAMS_PER_REQUEST):
+            self.client.log_batch(run_id, params=todo[i:i + PARAMS_PER_REQUEST])
+        return run_id
+
+
+def set_status(mlflow_client: MlflowClient, run_id: str, status: str, **tags: str) -> None:
+    """Our status tag, plus MLflow's own run status so the UI shows the same thing."""
+    mlflow_client.log_batch(run_id, tags=[RunTag(names.TAG_STATUS, status)] + [RunTag(k, str(v)) for k, v in tags.items()])
+    mlflow_status = {
+        names.PENDING: RunStatus.SCHEDULED, names.RUNNING: RunStatus.RUNNING, names.FINISHED: RunStatus.FINISHED,
+        names.DIVERGED: RunStatus.FINISHED, names.PRUNED: RunStatus.FINISHED, names.FAILED: RunStatus.FAILED,
+        names.KILLED: RunStatus.KILLED,
+    }[status]
+    end = None if status in (names.PENDING, names.RUNNING) else int(time.time() * 1000)
+    mlflow_client.update_run(run_id, status=RunStatus.to_string(mlflow_status), end_time=end)
+
+
+class MlflowSink:
+    """A trial's metrics, buffered and sent in batches from a background thread.
+
+    Training never waits on the tracking server: if it is unreachable, points stay in the buffer
+    and go out when it answers again. On a resumed trial, points at or before the last step already
+    in MLflow for a metric are dropped, so every point is stored once.
+    """
+
+    def __init__(self, run_id: str, uri: str, *, every_s: float = 5.0):
+        self.run_id = run_id
+        self.client = client(uri)
+        self.every_s = every_s
+        self._buffer: list[Metric] = []
+        self._lock = threading.Lock()
+        self._sent_through = self._last_steps()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"mlflow-sink-{run_id[:8]}")
+        self._thread.start()
+
+    def _last_steps(self) -> dict[str, int]:
+        keys = self.client.get_run(self.run_id).data.metrics
+        return {k: max(m.step for m in self.client.get_metric_history(self.run_id, k)) for k in keys}
+
+    def log(self, metrics: Mapping[str, float], tokens: int) -> None:
+        now = int(time.time() * 1000)
+        fresh = [Metric(k, float(v), now, int(tokens)) for k, v in metrics.items()
+                 if v is not None and tokens > self._sent_through.get(k, -1)]
+        with self._lock:
+            self._buffer += fresh
+
+    def _send(self) -> bool:
+        """Send what is buffered; keep it on failure. True when the buffer is empty."""
+        with self._lock:
+            pending, self._buffer = self._buffer, []
+        while pending:
+            chunk = pending[:BATCH]
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+            except Exception:
+                with self._lock:
+                    self._buffer = pending + self._buffer
+                return False
+            for m in chunk:
+                self._sent_through[m.key] = max(self._sent_through.get(m.key, -1), m.step)
+            pending = pending[BATCH:]
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._send()
+
+    def flush(self, timeout_s: float = 600.0) -> bool:
+        """Send everything now, retrying until `timeout_s`; True when nothing is left behind."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.5
+        while not self._send():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+        return True
+
+    def close(self, timeout_s: float = 600.0) -> bool:
+        self._stop.set()
+        self._thread.join()
+        return self.flush(timeout_s)

@@ -1,0 +1,77 @@
+"""What runs inside a Ray worker for one trial: open its data, train, and keep MLflow up to date.
+
+The job carries the MLflow run ids the driver made, so a retried trial logs into the same runs and
+its training resumes from the checkpoint in its own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from runners import names
+from runners.tracking import MlflowSink, client, set_status
+from sweeps.trial import Runtime, TrialConfig
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """Everything a worker needs, as plain data (it crosses process and node boundaries)."""
+
+    trial_json: str
+    runtime_json: str
+    run_id: str
+    branch_run_ids: dict[int, str]  # branch end (tokens) -> run id
+    tracking_uri: str
+    workdir: str
+    cache_dir: str | None
+    cpus: float = 1.0
+
+
+def _quiet_mlflow_retries() -> None:
+    """Fail fast on an unreachable server: the sink keeps the points and retries on its own schedule."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def run_job(job: TrialJob, on_eval=None) -> dict:
+    """Train one trial to the end (resuming if its folder holds a checkpoint); returns its TrialResult as a dict."""
+    import torch
+
+    from runners.data import prepare_data
+    from runners.train import run_trial
+
+    _quiet_mlflow_retries()
+    torch.set_num_threads(max(1, int(job.cpus)))
+    trial = TrialConfig.model_validate_json(job.trial_json)
+    runtime = Runtime.model_validate_json(job.runtime_json)
+    mlflow = client(job.tracking_uri)
+    set_status(mlflow, job.run_id, names.RUNNING)
+
+    data = prepare_data(trial.data, Path(job.cache_dir) if job.cache_dir else None)
+    if data.content_hash != trial.data.content_hash:
+        raise RuntimeError(f"data on this node hashes to {data.content_hash}, the plan had {trial.data.content_hash}: "
+                           "every node must see the same corpus")
+
+    sink = MlflowSink(job.run_id, job.tracking_uri)
+    branch_sinks = {d: MlflowSink(run_id, job.tracking_uri) for d, run_id in job.branch_run_ids.items()}
+    try:
+        result = run_trial(trial, runtime, Path(job.workdir), sink, data=data,
+                           branch_sinks=branch_sinks.__getitem__, on_eval=on_eval)
+    finally:
+        for s in [sink, *branch_sinks.values()]:
+            s.close()
+
+    finished = {b.tokens for b in result.branches}
+    for end, run_id in job.branch_run_ids.items():
+        # A branch that never ran (its trial diverged or was pruned first) shares its trial's fate.
+        set_status(mlflow, run_id, names.FINISHED if end in finished else result.status)
+    extra = {names.TAG_REPEATS_DATA: str(result.repeats_data).lower()}
+    if result.diverged_at_tokens is not None:
+        extra[names.TAG_DIVERGED_STEP] = str(result.diverged_at_tokens)
+    if result.error:
+        extra[names.TAG_ERROR] = result.error
+    set_status(mlflow, job.run_id, result.status, **extra)
+    return dataclasses.asdict(result)

@@ -1,0 +1,65 @@
+"""The spec schema: good specs load, bad ones give one line naming the field, the value and the fix."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps.errors import SpecError
+from sweeps.spec import load_spec
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "sweeps" / "examples").glob("*.yaml"))
+
+
+def write(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def base() -> dict:
+    return {"name": "t", "grid": {"sizes": [2e4, 4e4], "tokens": [1e5]}}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_load(path):
+    assert load_spec(path).name
+
+
+def test_scalars_become_axes(tmp_path):
+    spec = load_spec(write(tmp_path, base() | {"train": {"lr": 1e-3, "batch_size": 1024, "seeds": 3}}))
+    assert (spec.train.lr, spec.train.batch_size, spec.train.seeds) == ([1e-3], [1024], [3])
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"trian": {}}, "unknown key 'trian'; did you mean 'train'?"),
+        ({"train": {"lrr": 1e-3}}, "unknown key 'train.lrr'; did you mean 'lr'?"),
+        ({"train": {"lr": "fast"}}, "train.lr[0] = 'fast': Input should be a valid number"),
+        ({"train": {"schedule": {"kind": "linear"}}}, "train.schedule.kind = 'linear': Input should be 'cosine', 'constant' or 'wsd'"),
+        ({"grid": {"isoflop": {"budgets": [1e12]}, "sizes": [1e4]}}, "isoflop chooses sizes and tokens itself"),
+        ({"grid": {"sizes": [1e4]}}, "give exactly one of tokens or tokens_per_param"),
+        ({"grid": {"isoflop": {"budgets": [-1.0]}}}, "grid.isoflop.budgets = [-1.0]: budgets must be positive"),
+        ({"name": "a b"}, "name = 'a b'"),
+        ({"train": {"lr": "auto"}}, "needs hparams_law"),
+        ({"data": {"tokenizer": "bpe"}}, "tokenizer 'bpe' needs vocab_size"),
+        ({"model": {"moe": {"n_experts": 4}}}, "model.family has no 'moe'"),
+        ({"model": {"family": "moe", "moe": {"n_expert": 4}}}, "unknown MoE option 'n_expert'"),
+    ],
+)
+def test_bad_specs_give_one_line(tmp_path, change, expected):
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, base() | change))
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML at line"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
