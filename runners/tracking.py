@@ -94,8 +94,10 @@ def set_status(mlflow_client: MlflowClient, run_id: str, status: str, **tags: st
         names.DIVERGED: RunStatus.FINISHED, names.PRUNED: RunStatus.FINISHED, names.FAILED: RunStatus.FAILED,
         names.KILLED: RunStatus.KILLED,
     }[status]
-    end = None if status in (names.PENDING, names.RUNNING) else int(time.time() * 1000)
-    mlflow_client.update_run(run_id, status=RunStatus.to_string(mlflow_status), end_time=end)
+    if status in (names.PENDING, names.RUNNING):
+        mlflow_client.update_run(run_id, status=RunStatus.to_string(mlflow_status))
+    else:
+        mlflow_client.set_terminated(run_id, status=RunStatus.to_string(mlflow_status))
 
 
 class MlflowSink:

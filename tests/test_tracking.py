@@ -1,0 +1,82 @@
+"""MLflow tracking with real stores: batched sinks, one run per trial, nothing lost or doubled."""
+
+from __future__ import annotations
+
+import pytest
+
+from runners import names
+from runners.tracking import MlflowSink, SweepRuns, client, set_status
+from tests.conftest import free_port, start_mlflow_server, stop, wait_until_up
+
+
+def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client(uri).get_metric_history(run_id, key))
+
+
+def test_runs_are_found_again_not_duplicated(sqlite_uri):
+    runs = SweepRuns("s", sqlite_uri)
+    first = runs.trial_run("abc", {"x": "1"})
+    again = SweepRuns("s", sqlite_uri)
+    assert again.parent_id == runs.parent_id
+    assert again.trial_run("abc", {"x": "1"}) == first
+    assert list(again.runs(names.ROLE_TRIAL)) == ["abc"]
+    set_status(again.client, first, names.FINISHED)
+    assert again.runs()["abc"].data.tags[names.TAG_STATUS] == names.FINISHED
+    assert again.client.get_run(first).info.status == "FINISHED"
+
+
+def test_resumed_sink_stores_each_point_once(sqlite_uri):
+    run_id = SweepRuns("s", sqlite_uri).trial_run("t", {})
+    sink = MlflowSink(run_id, sqlite_uri, every_s=60)
+    for tokens in range(0, 100, 10):
+        sink.log({"val/loss": tokens / 100}, tokens)
+    assert sink.close()
+    # A retried worker replays from its checkpoint at 50 tokens: 50..90 come again, then new points.
+    resumed = MlflowSink(run_id, sqlite_uri, every_s=60)
+    for tokens in range(50, 150, 10):
+        resumed.log({"val/loss": tokens / 100}, tokens)
+    assert resumed.close()
+    assert history(sqlite_uri, run_id, "val/loss") == [(t, t / 100) for t in range(0, 150, 10)]
+
+
+@pytest.mark.slow
+def test_sink_survives_a_server_outage(tmp_path):
+    """Points logged while the server is down reach it once it is up; training never waits."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    store = tmp_path / "mlflow.db"
+    server = start_mlflow_server(store, port)
+    wait_until_up(url)
+    run_id = SweepRuns("outage", url).trial_run("t", {})
+    sink = MlflowSink(run_id, url, every_s=0.2)
+    sink.log({"train/loss": 1.0}, 1)
+    assert sink.flush(timeout_s=30)
+    stop(server)
+    for tokens in range(2, 302):
+        sink.log({"train/loss": 1.0 / tokens}, tokens)  # returns at once though nothing answers
+    server = start_mlflow_server(store, port)
+    try:
+        wait_until_up(url)
+        assert sink.close(timeout_s=120)
+        steps = [s for s, _ in history(url, run_id, "train/loss")]
+        assert steps == list(range(1, 302))
+    finally:
+        stop(server)
+
+
+@pytest.mark.slow
+def test_eight_ray_trials_log_16000_points_to_a_server(mlflow_server, local_ray):
+    ray = local_ray
+    runs = SweepRuns("concurrent", mlflow_server)
+    run_ids = [runs.trial_run(f"t{i}", {}) for i in range(8)]
+
+    @ray.remote(num_cpus=0.25)
+    def trial(run_id: str) -> None:
+        sink = MlflowSink(run_id, mlflow_server, every_s=0.5)
+        for step in range(2000):
+            sink.log({"train/loss": 1.0 / (step + 1)}, step)
+        assert sink.close(timeout_s=300)
+
+    ray.get([trial.remote(r) for r in run_ids])
+    counts = [len(history(mlflow_server, r, "train/loss")) for r in run_ids]
+    assert counts == [2000] * 8
