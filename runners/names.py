@@ -15,6 +15,9 @@ TAG_STATUS = "scaling.status"        # one of STATUSES
 TAG_ERROR = "scaling.error"          # one line: why a trial failed or diverged
 TAG_DIVERGED_STEP = "scaling.diverged_at_tokens"
 TAG_REPEATS_DATA = "scaling.repeats_data"  # "true" when a trial saw some training tokens twice
+TAG_WORKER = "scaling.worker"        # host:pid of the process training the trial (the latest attempt)
+TAG_NODE = "scaling.node"            # Ray node id of that process
+TAG_GPUS = "scaling.gpus"            # GPU ids Ray gave that process ("" on CPU)
 
 ROLE_SWEEP, ROLE_TRIAL, ROLE_BRANCH = "sweep", "trial", "branch"
 

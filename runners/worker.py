@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,16 @@ def _quiet_mlflow_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
+def where() -> dict[str, str]:
+    """Which host, process, Ray node and GPUs this attempt runs on (tags, so the UI shows it)."""
+    import ray
+
+    ctx = ray.get_runtime_context() if ray.is_initialized() else None
+    gpus = ",".join(map(str, ray.get_gpu_ids())) if ctx else ""
+    return {names.TAG_WORKER: f"{socket.gethostname()}:{os.getpid()}",
+            names.TAG_NODE: ctx.get_node_id() if ctx else "", names.TAG_GPUS: gpus}
+
+
 def run_job(job: TrialJob, on_eval=None) -> dict:
     """Train one trial to the end (resuming if its folder holds a checkpoint); returns its TrialResult as a dict."""
     import torch
@@ -48,7 +59,7 @@ def run_job(job: TrialJob, on_eval=None) -> dict:
     trial = TrialConfig.model_validate_json(job.trial_json)
     runtime = Runtime.model_validate_json(job.runtime_json)
     mlflow = client(job.tracking_uri)
-    set_status(mlflow, job.run_id, names.RUNNING)
+    set_status(mlflow, job.run_id, names.RUNNING, **where())
 
     data = prepare_data(trial.data, Path(job.cache_dir) if job.cache_dir else None)
     if data.content_hash != trial.data.content_hash:
