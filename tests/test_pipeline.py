@@ -1,0 +1,75 @@
+"""End to end on one machine, real Ray and MLflow: plan, run, re-run (trains nothing), export, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from runners import names
+from runners.cli import main
+from runners.tracking import SweepRuns
+from tests.helpers import metric_steps, tiny_spec
+
+PLAN_COLUMNS = {"trial_id", "family", "N_total", "N_nonembed", "N_active", "D", "flops_6N", "flops_exact"}
+
+
+def test_plan_csv_has_one_row_per_trial(tmp_path):
+    spec = tiny_spec(tmp_path, train={"lr": [1e-3, 3e-3]})
+    out = tmp_path / "plan.csv"
+    assert main(["plan", str(spec), "--format", "csv", "--out", str(out)]) == 0
+    plan = pd.read_csv(out)
+    assert PLAN_COLUMNS <= set(plan.columns)
+    assert len(plan) == 2 * 2 * 2  # sizes x tokens x lr
+    assert plan.trial_id.is_unique
+    assert (plan.N_active == plan.N_nonembed).all() and (plan.N_total > plan.N_nonembed).all()
+    assert (plan.flops_exact > plan.flops_6N).all()  # attention and head on top of 6N
+    assert (plan.flops_6N == 6 * plan.N_active * plan.D).all()
+
+
+def test_plan_ids_are_stable_and_content_addressed(tmp_path):
+    first = tmp_path / "a.csv"
+    main(["plan", str(tiny_spec(tmp_path)), "--format", "csv", "--out", str(first)])
+    again = tmp_path / "b.csv"
+    main(["plan", str(tiny_spec(tmp_path, name="renamed")), "--format", "csv", "--out", str(again)])
+    assert list(pd.read_csv(first).trial_id) == list(pd.read_csv(again).trial_id)
+    other = tmp_path / "c.csv"
+    main(["plan", str(tiny_spec(tmp_path, train={"lr": 1e-3})), "--format", "csv", "--out", str(other)])
+    assert not set(pd.read_csv(first).trial_id) & set(pd.read_csv(other).trial_id)
+
+
+def test_spec_typo_is_one_line_and_exit_2(tmp_path):
+    spec = tiny_spec(tmp_path)
+    spec.write_text(spec.read_text().replace("batch_size:", "batch_sise:"))
+    done = subprocess.run([sys.executable, "-m", "runners.cli", "plan", str(spec)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "unknown key 'train.batch_sise'; did you mean 'batch_size'?" in done.stderr
+
+
+@pytest.mark.slow
+def test_run_twice_trains_once_and_exports_the_same_law(tmp_path, sqlite_uri, local_ray):
+    spec = tiny_spec(tmp_path, name="e2e", train={"branches_per_run": 2})  # 3 final points a trial
+    assert main(["run", str(spec)]) == 0
+    runs = SweepRuns("e2e", sqlite_uri)
+    trials = runs.runs(names.ROLE_TRIAL)
+    assert len(trials) == 4 and {r.data.tags[names.TAG_STATUS] for r in trials.values()} == {names.FINISHED}
+    results = tmp_path / "results" / "e2e"
+    law = json.loads((results / "law.json").read_text())
+    points = pd.read_csv(results / "points.csv")
+    branches = runs.runs(names.ROLE_BRANCH)
+    assert len(branches) == 8 and {r.data.tags[names.TAG_PARENT_TRIAL] for r in branches.values()} == set(trials)
+    assert points.final.sum() == 12 and set(points.trial_id) == set(trials) | set(branches)
+    assert {"A", "B", "E", "alpha", "beta"} <= set(law["params"])
+    assert list(results.glob("*.png"))
+    artifacts = {f.path for f in runs.client.list_artifacts(runs.parent_id, names.ARTIFACT_DIR)}
+    assert f"{names.ARTIFACT_DIR}/law.json" in artifacts
+
+    steps_before = {t: metric_steps(runs, r.info.run_id, names.TRAIN_LOSS) for t, r in trials.items()}
+    assert main(["run", str(spec)]) == 0
+    trials_after = SweepRuns("e2e", sqlite_uri).runs(names.ROLE_TRIAL)
+    assert {t: metric_steps(runs, r.info.run_id, names.TRAIN_LOSS) for t, r in trials_after.items()} == steps_before
+    assert json.loads((results / "law.json").read_text())["params"] == law["params"]
