@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -12,9 +13,10 @@ from rich.table import Table
 from runners import names
 from runners.collect import collect_points
 from runners.data import content_hash, prepare_data, vocab_size_of
+from runners.search import GridSource, SearchSource
 from runners.sweep import SweepOutcome, connect, run_trials
 from runners.tracking import SweepRuns
-from sweeps.expand import HparamsAt, PlannedTrial, expand
+from sweeps.expand import Cell, HparamsAt, PlannedTrial, cells, expand
 from sweeps.spec import SweepSpec
 
 console = Console()
@@ -34,8 +36,28 @@ def _hparams_at(spec: SweepSpec) -> HparamsAt | None:
 
 
 def plan(spec: SweepSpec) -> list[PlannedTrial]:
-    return expand(spec, vocab_size=vocab_size_of(spec.data), content_hash=content_hash(spec.data),
-                  hparams_at=_hparams_at(spec))
+    """The grid's trials; for a search sweep, one trial per scale at the middle of the searched ranges."""
+    if spec.search is None:
+        return expand(spec, vocab_size=vocab_size_of(spec.data), content_hash=content_hash(spec.data),
+                      hparams_at=_hparams_at(spec))
+    search, t = spec.search, spec.train
+    lr = math.sqrt(search.lr[0] * search.lr[1]) if search.lr else t.lr[0]
+    return [c.trial(lr, _search_batch(spec, c.model.seq_len), seed) for c in _cells(spec) for seed in t.seeds]
+
+
+def _search_batch(spec: SweepSpec, seq_len: int) -> int:
+    if spec.search.batch_size is None:
+        return spec.train.batch_size[0]
+    return max(1, round(math.sqrt(spec.search.batch_size[0] * spec.search.batch_size[1]) / seq_len)) * seq_len
+
+
+def _cells(spec: SweepSpec) -> list[Cell]:
+    return cells(spec, vocab_size=vocab_size_of(spec.data), content_hash=content_hash(spec.data))
+
+
+def source(spec: SweepSpec) -> GridSource | SearchSource:
+    """Where the run's trials come from: the expanded grid, or an Optuna study per scale."""
+    return SearchSource(spec, _cells(spec)) if spec.search else GridSource(plan(spec))
 
 
 def _device(spec: SweepSpec) -> str:
@@ -60,7 +82,13 @@ def plan_table(spec: SweepSpec, planned: list[PlannedTrial]) -> pd.DataFrame:
             "lr": t.lr, "batch_size": t.batch_size, "seed": t.seed, "branches": " ".join(map(str, t.schedule.branches)),
             "est_seconds": p.compute_exact / rate,
         })
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if spec.search is not None:  # one row per scale, standing for that many Optuna trials
+        searched = [k for k in ("lr", "batch_size") if getattr(spec.search, k)]
+        table[searched] = "search"
+        table["trial_id"] = "(search)"
+        table["est_seconds"] *= spec.search.trials
+    return table
 
 
 def print_plan(spec: SweepSpec, table: pd.DataFrame) -> None:
@@ -71,6 +99,9 @@ def print_plan(spec: SweepSpec, table: pd.DataFrame) -> None:
     for _, r in table.iterrows():
         show.add_row(*[f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
     console.print(show)
+    if spec.search is not None:
+        console.print(f"search: {spec.search.trials} Optuna trials per row ({spec.search.sampler}, pruner "
+                      f"{spec.search.pruner}); estimates count them all")
     cpus = spec.resources.cpus
     console.print(f"total: {table.flops_6N.sum():.3g} FLOPs (6N), {table.flops_exact.sum():.3g} FLOPs (exact); "
                   f"about {table.est_seconds.sum() / 60:.1f} trial-minutes at {cpus:g} CPU(s) a trial, "
@@ -95,13 +126,13 @@ def export(spec: SweepSpec, runs: SweepRuns) -> Path:
 
 def run(spec: SweepSpec, *, address: str | None, fit: bool = True, cache_dir: Path | None = None) -> int:
     """Plan, run what is not done yet, and export. Exit code: 0 when every trial ended in a done state."""
-    planned = plan(spec)
-    console.print(f"sweep {spec.name}: {len(planned)} trials planned")
+    trials = source(spec)
+    console.print(f"sweep {spec.name}: {trials.total} trials planned")
     runs = SweepRuns(spec.name)  # creates the store and experiment once, before any worker opens it
     prepare_data(spec.data, cache_dir)  # tokenize once here, so the trials find the cache and bad data fails early
     started = connect(address)
     try:
-        outcome = run_trials(spec, planned, runs, cache_dir=cache_dir)
+        outcome = run_trials(spec, trials, runs, cache_dir=cache_dir)
     finally:
         if started:
             ray.shutdown()
@@ -125,17 +156,18 @@ def _print_outcome(outcome: SweepOutcome) -> None:
 
 
 def status(spec: SweepSpec) -> pd.DataFrame:
-    """Each planned trial's state from MLflow (pending when it has no run yet)."""
-    planned = plan(spec)
+    """Each trial's state from MLflow: every run the sweep has, and the grid's trials not started (pending)."""
     existing = SweepRuns(spec.name).runs(names.ROLE_TRIAL)
     rows = []
-    for p in planned:
-        run = existing.get(p.trial_id)
-        tags = run.data.tags if run else {}
-        metrics = run.data.metrics if run else {}
-        rows.append({"trial_id": p.trial_id, "N_active": p.params.active, "D": p.D,
-                     "status": tags.get(names.TAG_STATUS, names.PENDING), "val_loss": metrics.get(names.VAL_LOSS),
-                     "error": tags.get(names.TAG_ERROR, "")})
+    for trial_id, run in existing.items():
+        p, tags = run.data.params, run.data.tags
+        rows.append({"trial_id": trial_id, "N_active": int(p.get(names.PARAM_N_ACTIVE, 0)), "D": int(p.get(names.PARAM_D, 0)),
+                     "lr": float(p.get("train.lr", "nan")), "status": tags.get(names.TAG_STATUS, names.PENDING),
+                     "val_loss": run.data.metrics.get(names.VAL_LOSS), "error": tags.get(names.TAG_ERROR, "")})
+    if spec.search is None:
+        rows += [{"trial_id": p.trial_id, "N_active": p.params.active, "D": p.D, "lr": p.trial.train.lr,
+                  "status": names.PENDING, "val_loss": None, "error": ""}
+                 for p in plan(spec) if p.trial_id not in existing]
     return pd.DataFrame(rows)
 
 

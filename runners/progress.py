@@ -27,11 +27,12 @@ class Board:
 
 
 class SweepProgress:
-    """done / running / failed, and an ETA weighted by each trial's compute."""
+    """done / running / failed, and an ETA weighted by the compute of the trials submitted so far."""
 
-    def __init__(self, total: int, skipped: int, compute: dict[str, float], console: Console | None = None):
-        self.total, self.compute = total, compute
-        self.counts = {"done": skipped, "failed": 0}
+    def __init__(self, total: int, console: Console | None = None):
+        self.total = total
+        self.compute: dict[str, float] = {}
+        self.counts = {"done": 0, "skipped": 0, "failed": 0}
         self.finished_ids: set[str] = set()
         self.fraction: dict[str, float] = {}
         self.running: set[str] = set()
@@ -40,25 +41,29 @@ class SweepProgress:
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}% of compute"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False,
         )
-        self.task = self.bar.add_task(self._describe(), total=max(sum(compute.values()), 1.0))
+        self.task = self.bar.add_task(self._describe(), total=1.0)
 
     def _describe(self) -> str:
-        return (f"trials: done {self.counts['done']}/{self.total}  running {len(self.running)}  "
-                f"failed {self.counts['failed']}")
+        skipped = f" ({self.counts['skipped']} already done)" if self.counts["skipped"] else ""
+        return (f"trials: done {self.counts['done'] + self.counts['skipped']}/{self.total}{skipped}  "
+                f"running {len(self.running)}  failed {self.counts['failed']}")
+
+    def submitted(self, trial_id: str, compute: float) -> None:
+        self.compute[trial_id] = compute
+        self.bar.update(self.task, total=max(sum(self.compute.values()), 1.0))
 
     def update(self, snapshot: dict) -> None:
         self.fraction |= snapshot["fraction"]
         self.running = set(snapshot["running"]) - self.finished_ids
-        completed = sum(self.compute[t] * (1.0 if t in self.finished_ids else f)
-                        for t, f in self.fraction.items() if t in self.compute)
-        completed += sum(self.compute[t] for t in self.finished_ids - set(self.fraction) if t in self.compute)
+        completed = sum(c * (1.0 if t in self.finished_ids else self.fraction.get(t, 0.0)) for t, c in self.compute.items())
         self.bar.update(self.task, completed=completed, description=self._describe())
 
-    def finished(self, trial_id: str, status: str) -> None:
+    def finished(self, trial_id: str, status: str, skipped: bool = False) -> None:
         self.finished_ids.add(trial_id)
         self.running.discard(trial_id)
-        self.counts["failed" if status in (names.FAILED, names.KILLED) else "done"] += 1
-        self.bar.console.log(f"trial {trial_id} {status}")
+        self.counts["skipped" if skipped else "failed" if status in (names.FAILED, names.KILLED) else "done"] += 1
+        if not skipped:
+            self.bar.console.log(f"trial {trial_id} {status}")
         self.update({"running": [], "fraction": {}})
 
     def __enter__(self):

@@ -19,6 +19,7 @@ import ray
 from runners import names
 from runners.progress import Board, SweepProgress
 from runners.resources import ray_options
+from runners.search import GridSource, Pruning, SearchSource, pruning_callback
 from runners.tracking import SweepRuns, flatten, set_status
 from runners.worker import TrialJob, run_job
 from sweeps.expand import PlannedTrial
@@ -38,7 +39,7 @@ def trial_params(p: PlannedTrial) -> dict[str, str]:
     return flatten("", p.trial.model_dump(mode="json")) | {
         names.PARAM_TRIAL_ID: p.trial_id,
         names.PARAM_N_TOTAL: str(p.params.total), names.PARAM_N_NONEMBED: str(p.params.nonembed),
-        names.PARAM_N_ACTIVE: str(p.params.active), names.PARAM_N_EMBED: str(p.params.embedding),
+        names.PARAM_N_ACTIVE: str(p.params.active), names.PARAM_N_EMBED: str(p.params.embed),
         names.PARAM_E: str(p.trial.model.n_experts), names.PARAM_D: str(p.D),
         names.PARAM_FLOPS_6N: f"{p.flops_6N:.6g}", names.PARAM_FLOPS_EXACT: f"{p.flops_exact:.6g}",
         names.PARAM_FLOPS_PER_TOKEN_EXACT: f"{p.flops.train_exact:.6g}",
@@ -97,68 +98,86 @@ def gpu_memory_bytes(declared_gb: float | None) -> int | None:
     return ray.get(probe.remote(), timeout=300)
 
 
-def run_trials(spec: SweepSpec, planned: list[PlannedTrial], runs: SweepRuns, *, cache_dir: Path | None) -> SweepOutcome:
-    """Run every trial not yet done; returns what happened to each. Ctrl-C cancels cleanly."""
+def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRuns, *,
+               cache_dir: Path | None) -> SweepOutcome:
+    """Run every trial the source offers that is not done yet; returns what happened to each. Ctrl-C cancels cleanly."""
     outcome = SweepOutcome()
-    ids = register(runs, planned)
     existing = runs.runs(names.ROLE_TRIAL)
-    done = {t for t, r in existing.items() if r.data.tags.get(names.TAG_STATUS) in names.DONE}
-    todo = [p for p in planned if p.trial_id not in done]
-    outcome.skipped = len(planned) - len(todo)
-    for t in done & {p.trial_id for p in planned}:
-        outcome.statuses[t] = existing[t].data.tags[names.TAG_STATUS]
-
     gpu_mem = gpu_memory_bytes(spec.resources.gpu_memory_gb)
     board = Board.options(num_cpus=0).remote()
     task = ray.remote(_run_on_ray)
-    refs = {}
-    for p in todo:
-        run_id, branches = ids[p.trial_id]
-        job = TrialJob(
-            trial_json=p.trial.model_dump_json(), runtime_json=spec.runtime.model_dump_json(), run_id=run_id,
-            branch_run_ids=branches, tracking_uri=runs.uri,
-            workdir=str((spec.checkpoint_dir / spec.name / p.trial_id).resolve()),
-            cache_dir=str(cache_dir) if cache_dir else None, cpus=spec.resources.cpus,
-        )
-        options = ray_options(p, spec.resources, spec.runtime, gpu_mem)
-        refs[task.options(name=f"trial-{p.trial_id}", **options).remote(job, board, p.D)] = p
+    refs: dict = {}
+    ids: dict[str, tuple[str, dict[int, str]]] = {}
+    progress = SweepProgress(total=source.total)
 
-    progress = SweepProgress(total=len(planned), skipped=outcome.skipped, compute={p.trial_id: p.compute_exact for p in todo})
+    def submit() -> None:
+        """Offer every trial the source has now; one already done in MLflow is told back at once."""
+        while offered := source.take():
+            for p, pruning in offered:
+                run = existing.get(p.trial_id)
+                status = run.data.tags.get(names.TAG_STATUS) if run else None
+                if status in names.DONE:
+                    outcome.skipped += 1
+                    outcome.statuses[p.trial_id] = status
+                    progress.finished(p.trial_id, status, skipped=True)
+                    source.done(p, status, run.data.metrics.get(names.VAL_LOSS))
+                    continue
+                ids[p.trial_id] = register(runs, [p])[p.trial_id]
+                run_id, branches = ids[p.trial_id]
+                job = TrialJob(
+                    trial_json=p.trial.model_dump_json(), runtime_json=spec.runtime.model_dump_json(), run_id=run_id,
+                    branch_run_ids=branches, tracking_uri=runs.uri,
+                    workdir=str((spec.checkpoint_dir / spec.name / p.trial_id).resolve()),
+                    cache_dir=str(cache_dir) if cache_dir else None, cpus=spec.resources.cpus,
+                )
+                options = ray_options(p, spec.resources, spec.runtime, gpu_mem)
+                refs[task.options(name=f"trial-{p.trial_id}", **options).remote(job, board, p.D, pruning)] = p
+                progress.submitted(p.trial_id, p.compute_exact)
+
     try:
         with progress:
+            submit()
             pending = list(refs)
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
                 progress.update(ray.get(board.snapshot.remote()))
                 for ref in ready:
-                    trial_id = refs[ref].trial_id
+                    p = refs[ref]
+                    loss = None
                     try:
-                        outcome.statuses[trial_id] = ray.get(ref)["status"]
+                        result = ray.get(ref)
+                        status, loss = result["status"], result["final_val_loss"]
                     except (ray.exceptions.RayError, Exception) as e:  # retries are spent: record and go on
-                        outcome.statuses[trial_id] = names.FAILED
-                        outcome.errors[trial_id] = _one_line(e)
-                        set_status(runs.client, ids[trial_id][0], names.FAILED, **{names.TAG_ERROR: outcome.errors[trial_id]})
-                    progress.finished(trial_id, outcome.statuses[trial_id])
+                        status = names.FAILED
+                        outcome.errors[p.trial_id] = _one_line(e)
+                        set_status(runs.client, ids[p.trial_id][0], names.FAILED, **{names.TAG_ERROR: outcome.errors[p.trial_id]})
+                    outcome.statuses[p.trial_id] = status
+                    progress.finished(p.trial_id, status)
+                    source.done(p, status, loss)
+                n_before = len(refs)
+                submit()
+                pending += list(refs)[n_before:]
     except KeyboardInterrupt:
         outcome.interrupted = True
         _stop(refs, board, ids, runs, outcome)
     return outcome
 
 
-def _run_on_ray(job: TrialJob, board, tokens_total: int) -> dict:
+def _run_on_ray(job: TrialJob, board, tokens_total: int, pruning: Pruning | None) -> dict:
     trial_id = Path(job.workdir).name
     board.started.remote(trial_id)
+    should_prune = pruning_callback(pruning) if pruning else None
 
     def report(tokens: int, val_loss: float) -> bool:
         board.evaluated.remote(trial_id, tokens / tokens_total)
-        return False
+        return should_prune(tokens, val_loss) if should_prune else False
 
     return run_job(job, on_eval=report)
 
 
 def _stop(refs: dict, board, ids: dict, runs: SweepRuns, outcome: SweepOutcome) -> None:
     """Cancel every trial (a running one checkpoints and stops) and mark the running ones killed."""
-    running = set(ray.get(board.snapshot.remote())["running"])
+    running = set(ray.get(board.snapshot.remote())["running"]) - set(outcome.statuses)
     for ref in refs:
         ray.cancel(ref)
     deadline = time.monotonic() + 30

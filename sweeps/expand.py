@@ -17,7 +17,7 @@ from models import count_params, flops_per_token, shape_for_target
 from models.accounting import FlopCounts, ParamCounts
 from models.config import ModelConfig, MoEConfig
 from sweeps.errors import SpecError
-from sweeps.spec import SweepSpec
+from sweeps.spec import SweepSpec, TrainSpec
 from sweeps.trial import DataConfig, ScheduleConfig, TrainConfig, TrialConfig
 
 # (N_active, D, C) -> {"lr": ..., "batch_size": ...}: values from a fitted hparams law, for 'auto'.
@@ -127,26 +127,57 @@ def _branches(schedule: ScheduleConfig, n: int, tokens: int, batch: int) -> Sche
     return schedule.model_copy(update={"branches": tuple(e for e in ends if e > batch)})
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One scale of the grid (a model and its token budget); its trials differ only in lr, batch and seed."""
+
+    model: ModelConfig
+    tokens: float  # D before rounding to whole steps
+    budget: float | None
+    data: DataConfig
+    train: TrainSpec
+
+    def trial(self, lr: float, batch: int, seed: int) -> PlannedTrial:
+        if batch % self.model.seq_len:
+            raise SpecError(f"train.batch_size {batch} is not a multiple of model.seq_len {self.model.seq_len}; "
+                            f"use {max(1, round(batch / self.model.seq_len)) * self.model.seq_len}")
+        t = self.train
+        d = _round_tokens(self.tokens, batch)
+        train = TrainConfig(
+            tokens=d, batch_size=batch, lr=lr, schedule=_branches(t.schedule, t.branches_per_run, d, batch),
+            beta1=t.beta1, beta2=t.beta2, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+            init_std=t.init_std, seed=seed, eval_points=t.eval_points, spike_threshold=t.spike_threshold,
+        )
+        trial = TrialConfig(model=self.model, data=self.data, train=train, budget=self.budget)
+        return PlannedTrial(trial, count_params(self.model), flops_per_token(self.model))
+
+
+def cells(spec: SweepSpec, *, vocab_size: int, content_hash: str) -> list[Cell]:
+    """The grid's scales, in grid order."""
+    data = DataConfig(**spec.data.model_dump() | {"content_hash": content_hash})
+    return [Cell(cfg, tokens, budget, data, spec.train) for cfg, tokens, budget in _model_and_tokens(spec, vocab_size)]
+
+
 def expand(spec: SweepSpec, *, vocab_size: int, content_hash: str, hparams_at: HparamsAt | None = None) -> list[PlannedTrial]:
     """Every trial of the spec, in a stable order (grid order, then lr, batch, seed)."""
-    data = DataConfig(**spec.data.model_dump() | {"content_hash": content_hash})
     t = spec.train
     planned: dict[str, PlannedTrial] = {}
-    for cfg, tokens, budget in _model_and_tokens(spec, vocab_size):
-        params, per_token = count_params(cfg), flops_per_token(cfg)
-        auto = hparams_at(params.active, tokens, per_token.train_6N * tokens) if hparams_at else {}
-        lrs = [auto["lr"]] if t.lr == "auto" else t.lr
-        batches = [int(auto["batch_size"]) // cfg.seq_len * cfg.seq_len or cfg.seq_len] if t.batch_size == "auto" else t.batch_size
+    for cell in cells(spec, vocab_size=vocab_size, content_hash=content_hash):
+        lrs, batches = t.lr, t.batch_size
+        if "auto" in (lrs, batches):
+            params, per_token = count_params(cell.model), flops_per_token(cell.model)
+            auto = hparams_at(params.active, cell.tokens, per_token.train_6N * cell.tokens)
+            lrs = [_auto(auto, "lr", "train.lr")] if lrs == "auto" else lrs
+            if batches == "auto":
+                seq = cell.model.seq_len
+                batches = [max(1, round(_auto(auto, "batch_size", "train.batch_size") / seq)) * seq]
         for lr, batch, seed in itertools.product(lrs, batches, t.seeds):
-            if batch % cfg.seq_len:
-                raise SpecError(f"train.batch_size {batch} is not a multiple of model.seq_len {cfg.seq_len}; "
-                                f"use {max(1, round(batch / cfg.seq_len)) * cfg.seq_len}")
-            d = _round_tokens(tokens, batch)
-            train = TrainConfig(
-                tokens=d, batch_size=batch, lr=lr, schedule=_branches(t.schedule, t.branches_per_run, d, batch),
-                beta1=t.beta1, beta2=t.beta2, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-                init_std=t.init_std, seed=seed, eval_points=t.eval_points, spike_threshold=t.spike_threshold,
-            )
-            trial = TrialConfig(model=cfg, data=data, train=train, budget=budget)
-            planned.setdefault(trial.trial_id, PlannedTrial(trial, params, per_token))
+            p = cell.trial(lr, batch, seed)
+            planned.setdefault(p.trial_id, p)
     return list(planned.values())
+
+
+def _auto(values: dict, knob: str, field: str) -> float:
+    if values.get(knob) is None:
+        raise SpecError(f"{field}: 'auto' but the hparams_law has no fitted law for {knob}; give {field} explicitly")
+    return float(values[knob])

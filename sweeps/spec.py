@@ -148,6 +148,28 @@ class FitSpec(Frozen):
     bootstrap: int = Field(200, ge=0, description="bootstrap replicates for the intervals")
 
 
+class SearchSpec(Frozen):
+    """Optuna search per scale: each grid cell (model and D) gets a study over lr and/or batch size."""
+
+    method: Literal["optuna"] = "optuna"
+    trials: int = Field(ge=2, description="Optuna trials per scale")
+    lr: tuple[float, float] | None = Field(None, description="[low, high] learning rate, searched in log space")
+    batch_size: tuple[int, int] | None = Field(None, description="[low, high] tokens per step, log space, whole sequences")
+    sampler: Literal["tpe", "random", "qmc"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = Field("median", description="on intermediate validation loss")
+    parallel: int = Field(4, ge=1, description="trials of one study in flight at once (TPE learns between them)")
+    storage: str | None = Field(None, description="Optuna RDB URL; default sqlite file beside the checkpoints")
+
+    @model_validator(mode="after")
+    def _something_to_search(self) -> SearchSpec:
+        if self.lr is None and self.batch_size is None:
+            raise ValueError("search needs a range for lr, batch_size or both, e.g. lr: [1e-4, 1e-2]")
+        for name, r in (("lr", self.lr), ("batch_size", self.batch_size)):
+            if r is not None and not 0 < r[0] < r[1]:
+                raise ValueError(f"search.{name} must be [low, high] with 0 < low < high")
+        return self
+
+
 class SweepSpec(Frozen):
     """The whole spec file."""
 
@@ -157,6 +179,7 @@ class SweepSpec(Frozen):
     model: ModelSpec = ModelSpec()
     grid: Grid
     train: TrainSpec = TrainSpec()
+    search: SearchSpec | None = Field(None, description="search lr/batch per scale with Optuna instead of a grid")
     fit: FitSpec = FitSpec()
     hparams_law: Path | None = Field(None, description="law.json whose hparams give lr/batch_size 'auto'")
     resources: Resources = Resources()
@@ -168,6 +191,13 @@ class SweepSpec(Frozen):
     def _auto_needs_law(self) -> SweepSpec:
         if "auto" in (self.train.lr, self.train.batch_size) and self.hparams_law is None:
             raise ValueError("lr or batch_size 'auto' needs hparams_law: a law.json with fitted hparams")
+        if self.search is not None:
+            for knob in ("lr", "batch_size"):
+                axis = getattr(self.train, knob)
+                if axis == "auto":
+                    raise ValueError(f"train.{knob} 'auto' does not mix with search; give one value or search it")
+                if getattr(self.search, knob) is not None and len(axis) > 1:
+                    raise ValueError(f"train.{knob} is an axis and search.{knob} searches it too; keep one")
         if "moe" not in self.model.family and self.model.moe:
             raise ValueError("model.moe is set but model.family has no 'moe'")
         return self
