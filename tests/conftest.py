@@ -70,11 +70,11 @@ def sqlite_uri(tmp_path, monkeypatch):
     return uri
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def local_ray():
-    """One local Ray for the session, on loopback, two CPUs and no dashboard."""
+    """A local Ray on loopback, two CPUs and no dashboard: started once, again only if a test shut it down."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    return ray

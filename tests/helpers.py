@@ -14,7 +14,7 @@ def tiny_spec(tmp_path: Path, name: str = "tiny", **overrides) -> Path:
     """A sweep that trains in seconds on one CPU core: 2 sizes x 2 token budgets of a ~10k-parameter model."""
     spec = {
         "name": name,
-        "data": {"source": "stdlib", "max_bytes": 400_000, "val_tokens": 4096},
+        "data": {"source": "stdlib", "max_bytes": 400_000, "val_tokens": 4096, "val_fraction": 0.1},
         "model": {"seq_len": 32},
         "grid": {"sizes": [3000, 12000], "tokens": [20_000, 60_000]},
         "train": {"batch_size": 512, "lr": 3e-3, "eval_points": 4,
@@ -37,3 +37,27 @@ def metric_steps(runs: SweepRuns, run_id: str, key: str) -> list[int]:
 
 def trial_runs(sweep: str, uri: str) -> dict:
     return SweepRuns(sweep, uri).runs(names.ROLE_TRIAL)
+
+
+def wait_for(predicate, timeout_s: float = 300.0, every_s: float = 0.5):
+    """Poll until `predicate()` is truthy; return its value (fails the test on timeout)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise TimeoutError(f"condition not met in {timeout_s} s")
+
+
+def start_driver(spec: Path, uri: str, *extra: str):
+    """`scaling run SPEC` in its own process group (so a test can kill it and the Ray it started)."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.Popen([sys.executable, "-m", "runners.cli", "run", str(spec), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
