@@ -1,0 +1,51 @@
+"""Optuna search per scale on real Ray and MLflow: trials run as Ray tasks, workers report to the
+study's sqlite storage, a re-run continues the study, and the law file gets its hparams section."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from runners import names
+from runners.cli import main
+from runners.search import storage_url
+from sweeps.spec import load_spec
+from tests.helpers import tiny_spec, trial_runs
+
+pytestmark = pytest.mark.slow
+
+
+def search_spec(tmp_path, trials: int):
+    return tiny_spec(tmp_path, name="search", grid={"sizes": [3000], "tokens": [30_000]},
+                     train={"lr": 3e-3}, search={"trials": trials, "lr": [1e-3, 3e-2], "parallel": 2, "pruner": "median"})
+
+
+def studies(spec_path):
+    spec = load_spec(spec_path)
+    url = storage_url(spec)
+    return [optuna.load_study(study_name=s.study_name, storage=url) for s in optuna.get_all_study_summaries(url)]
+
+
+def test_search_runs_on_ray_and_a_rerun_continues_the_study(tmp_path, sqlite_uri, local_ray):
+    spec = search_spec(tmp_path, trials=4)
+    assert main(["run", str(spec), "--no-fit"]) == 0
+    (study,) = studies(spec)
+    trials = study.get_trials()
+    assert len(trials) == 4 and {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    assert all(t.intermediate_values for t in trials)  # the workers reported their validation losses
+    runs = trial_runs("search", sqlite_uri)
+    assert sorted(float(r.data.params["train.lr"]) for r in runs.values()) == sorted(t.params["lr"] for t in trials)
+    for t in trials:  # Optuna's value is the trial's final validation loss in MLflow
+        run = runs[t.user_attrs["trial_id"]]
+        if t.state.name == "COMPLETE":
+            assert run.data.tags[names.TAG_STATUS] == names.FINISHED
+            assert t.value == pytest.approx(run.data.metrics[names.VAL_LOSS])
+        else:
+            assert run.data.tags[names.TAG_STATUS] == names.PRUNED
+
+    assert main(["run", str(spec), "--no-fit"]) == 0  # nothing left to ask
+    assert len(studies(spec)[0].get_trials()) == 4 and len(trial_runs("search", sqlite_uri)) == 4
+
+    more = search_spec(tmp_path, trials=6)  # a bigger budget continues the same study
+    assert main(["run", str(more)]) == 0
+    assert len(studies(more)[0].get_trials()) == 6 and len(trial_runs("search", sqlite_uri)) == 6
