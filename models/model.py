@@ -1,0 +1,82 @@
+"""The decoder: pre-norm blocks of attention and a dense or MoE FFN, built from a ModelConfig."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.accounting import is_moe_layer
+from models.config import ModelConfig
+from models.layers import Attention, SwiGLU
+from models.moe import MoE
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, V]
+    loss: torch.Tensor | None  # cross-entropy, nats per token, mean over tokens; None without targets
+    aux_loss: torch.Tensor  # weighted MoE balance + z-loss over MoE layers; 0 for dense
+    router: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer{i}/{stat}": detached scalars
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm, self.ffn_norm = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.seq_len, cfg.rope_theta)
+        self.ffn = MoE(cfg.d_model, cfg.d_ff, cfg.moe) if is_moe_layer(cfg, layer) else SwiGLU(cfg.d_model, cfg.d_ff)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        x = x + self.attn(self.attn_norm(x))
+        if isinstance(self.ffn, MoE):
+            y, aux, stats = self.ffn(self.ffn_norm(x))
+            return x + y, aux, stats
+        return x + self.ffn(self.ffn_norm(x)), None, {}
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, init_std: float = 0.02):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self._init(init_std)
+
+    @torch.no_grad()
+    def _init(self, std: float) -> None:
+        """normal(0, std) everywhere; projections into the residual stream scaled by 1/sqrt(2 n_layers)
+        so the residual's variance does not grow with depth (GPT-2)."""
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)  # RMSNorm gains
+            else:
+                into_residual = name.endswith(("attn.out.weight", "down.weight", "w_down"))
+                nn.init.normal_(p, mean=0.0, std=residual_std if into_residual else std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        x = self.embed(idx)
+        aux = torch.zeros((), device=idx.device)
+        router: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            x, layer_aux, stats = block(x)
+            if layer_aux is not None:
+                aux = aux + layer_aux
+            router |= {f"layer{i}/{name}": value for name, value in stats.items()}
+        logits = self.head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux, router=router)
+
+
+def build_model(cfg: ModelConfig, init_std: float = 0.02) -> Transformer:
+    return Transformer(cfg, init_std=init_std)

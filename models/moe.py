@@ -1,0 +1,172 @@
+"""Mixture-of-experts FFN: routing, capacity, sorted dispatch through grouped products, router statistics.
+
+Shapes stay static and nothing waits on the host in the grouped path, so `torch.compile` takes the
+layer whole. Capacity therefore changes which tokens an expert *serves* (the model), not the compute:
+a dropped assignment still flows through its expert but gets combine weight 0, so it adds nothing to
+the output and no gradient to the expert or the router. Tokens are served first come, first served
+in token order (a stable sort by expert), as in Switch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import MoEConfig
+from models.layers import SwiGLU
+
+Dispatch = Literal["auto", "grouped", "loop"]
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Per token (rows) and routing slot (columns): the chosen expert and its combine weight."""
+
+    expert: torch.Tensor  # [N, k] int64
+    weight: torch.Tensor  # [N, k] float32, 0 where the assignment was dropped
+    kept: torch.Tensor  # [N, k] bool
+    probs: torch.Tensor  # [N, n_experts] float32, router probabilities summing to 1 per token
+    order: torch.Tensor  # [N*k] the flattened assignments sorted stably by expert
+    counts: torch.Tensor  # [n_experts] int64 assignments per expert (before capacity)
+
+
+def router_scores(logits: torch.Tensor, gate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores the top-k is taken over and weights come from, probabilities summing to 1 per token)."""
+    if gate == "softmax":
+        probs = logits.softmax(dim=-1)
+        return probs, probs
+    scores = logits.sigmoid()
+    return scores, scores / scores.sum(dim=-1, keepdim=True)
+
+
+def capacity(n_tokens: int, k: int, n_experts: int, capacity_factor: float | None) -> int:
+    """Assignments one expert serves at most: ceil(factor * tokens * k / experts); all when dropless."""
+    if capacity_factor is None:
+        return n_tokens * k
+    return math.ceil(capacity_factor * n_tokens * k / n_experts)
+
+
+def sort_by_expert(expert: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order of the flattened [N*k] assignments sorted stably by expert, assignments per expert)."""
+    flat = expert.reshape(-1)
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    return torch.argsort(flat, stable=True), counts
+
+
+def position_in_expert(sorted_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """For each sorted assignment, how many assignments to the same expert come before it."""
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(sorted_expert.numel(), device=sorted_expert.device) - starts[sorted_expert]
+
+
+def route(logits: torch.Tensor, cfg: MoEConfig, training: bool) -> Routing:
+    """Top-(k*G) routing of fp32 router logits [N, E*G], with noise, renormalisation and capacity."""
+    n_experts, k = logits.shape[-1], cfg.top_k * cfg.granularity
+    if training and cfg.noise_std > 0:
+        logits = logits + cfg.noise_std * torch.randn_like(logits)
+    scores, probs = router_scores(logits, cfg.gate)
+    weight, expert = scores.topk(k, dim=-1)
+    if cfg.renormalize:
+        weight = weight / weight.sum(dim=-1, keepdim=True)
+    order, counts = sort_by_expert(expert, n_experts)
+    limit = capacity(expert.shape[0], k, n_experts, cfg.capacity_factor)
+    kept_sorted = position_in_expert(expert.reshape(-1)[order], counts) < limit
+    kept = torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted).view_as(expert)
+    return Routing(expert=expert, weight=torch.where(kept, weight, 0.0), kept=kept, probs=probs, order=order, counts=counts)
+
+
+def balance_loss(routing: Routing) -> torch.Tensor:
+    """Switch load-balancing loss: n_experts * sum_i f_i * P_i, f_i the share of assignments routed to
+    expert i (before capacity), P_i its mean router probability. 1 when routing is uniform."""
+    share = routing.counts.float() / routing.expert.numel()
+    return share.numel() * torch.sum(share * routing.probs.mean(dim=0))
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean squared log-partition of the router logits."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def experts_grouped(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts over rows of x sorted by expert, one grouped product per projection, no host sync."""
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    gate, up = torch._grouped_mm(x, w_gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+    return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offsets)
+
+
+def experts_loop(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """The same, one expert at a time: the CPU fallback and the reference (reads counts on the host)."""
+    outs = []
+    for i, rows in enumerate(x.split(counts.tolist())):
+        gate, up = F.linear(rows, w_gate_up[i]).chunk(2, dim=-1)
+        outs.append(F.linear(F.silu(gate) * up, w_down[i]))
+    return torch.cat(outs)
+
+
+class MoE(nn.Module):
+    """FFN replaced by E*G routed SwiGLU experts of width d_ff/G (top_k*G per token) plus shared ones."""
+
+    def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, dispatch: Dispatch = "auto"):
+        super().__init__()
+        self.cfg, self.dispatch = cfg, dispatch
+        n_experts, width = cfg.n_experts * cfg.granularity, d_ff // cfg.granularity
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        # Expert weights stored like nn.Linear weights, [experts, out, in]; gate and up fused.
+        self.w_gate_up = nn.Parameter(torch.empty(n_experts, 2 * width, d_model))
+        self.w_down = nn.Parameter(torch.empty(n_experts, d_model, width))
+        # n_shared always-active experts of width d_ff/G are one SwiGLU n_shared times as wide.
+        self.shared = SwiGLU(d_model, cfg.n_shared * width) if cfg.n_shared else None
+
+    def _grouped(self, x: torch.Tensor) -> bool:
+        if self.dispatch != "auto":
+            return self.dispatch == "grouped"
+        aligned = all(s % 8 == 0 for s in self.w_down.shape[1:])  # grouped kernels need 16-byte rows
+        return HAS_GROUPED_MM and x.is_cuda and aligned and _compute_dtype(x) == torch.bfloat16
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(output like x, weighted auxiliary loss, detached router statistics)."""
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])
+        with torch.autocast(x.device.type, enabled=False):  # routing in fp32: small logits differences decide
+            logits = F.linear(x.float(), self.router.weight.float())
+        routing = route(logits, self.cfg, self.training)
+        order, counts, k = routing.order, routing.counts, routing.expert.shape[1]
+        rows = x[order // k]
+        if self._grouped(x):
+            dtype = _compute_dtype(x)
+            out = experts_grouped(rows.to(dtype), counts, self.w_gate_up.to(dtype), self.w_down.to(dtype))
+        else:
+            out = experts_loop(rows, counts, self.w_gate_up, self.w_down)
+        unsorted = torch.empty_like(out).index_copy_(0, order, out).view(-1, k, out.shape[-1])
+        y = (unsorted * routing.weight.to(unsorted.dtype).unsqueeze(-1)).sum(dim=1)  # not a product to count
+        if self.shared is not None:
+            y = y + self.shared(x)
+        balance, z = balance_loss(routing), z_loss(logits)
+        aux = self.cfg.aux_loss_weight * balance + self.cfg.z_loss_weight * z
+        return y.reshape(shape).to(x.dtype), aux, router_stats(routing, balance, z)
+
+
+def router_stats(routing: Routing, balance: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """load_max: the busiest expert's share of assignments times the expert count (1 = balanced);
+    load_cv: coefficient of variation of the shares; dropped_frac: assignments over capacity."""
+    load = routing.counts.float() / routing.expert.numel()
+    stats = {
+        "load_max": load.max() * load.numel(),
+        "load_cv": load.std(correction=0) / load.mean(),
+        "dropped_frac": 1.0 - routing.kept.float().mean(),
+        "balance_loss": balance,
+        "z_loss": z,
+    }
+    return {name: value.detach() for name, value in stats.items()}
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products run in here: autocast's when it is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
