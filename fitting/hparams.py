@@ -6,7 +6,7 @@ the per-cell optima by default ("optima": a quadratic's vertex falls between gri
 of a coarse grid are stuck on them and pull exponents toward zero), or on every near-optimal run of each
 cell ("near_optimal", as DeepSeek LLM 2024), in which case the loss of a cell is its best observed loss.
 
-Intervals are 95% percentile bootstraps: each replicate resamples the runs inside every cell, finds the
+Intervals are 95% percentile bootstraps (None with bootstrap 0): each replicate resamples the runs inside every cell, finds the
 cell optima again and refits every law, so one set of replicates gives the cell and the law intervals.
 """
 
@@ -105,12 +105,12 @@ def _cells(runs: pd.DataFrame) -> list[Cell]:
     if "budget" in runs.columns:
         keys["budget"] = runs["budget"].fillna(0.0).to_numpy(float)
     cells = []
-    for _, group in runs.groupby([pd.Series(v, index=runs.index) for v in keys.values()], sort=True):
+    for key, group in runs.groupby([pd.Series(v, index=runs.index) for v in keys.values()], sort=True):
         swept = tuple(k for k in knobs if group[k].nunique() > 1)
         N, D = np.exp(np.log(group["N"]).mean()), np.exp(np.log(group["D"]).mean())
         cells.append(Cell(
             N=float(N), D=float(D), C=float(np.exp(np.log(group["C"]).mean())) if _has_C(runs) else 6.0 * N * D,
-            family=str(group["family"].iloc[0]) if "family" in group.columns else None,
+            family=dict(zip(keys, key)).get("family") or None,
             budget=float(group["budget"].iloc[0]) if "budget" in group.columns and group["budget"].notna().all()
             else None,
             knobs=swept, x=np.log(group[list(swept)].to_numpy(float)), loss=group["loss"].to_numpy(float),
@@ -190,7 +190,7 @@ def _regress(rows: dict[str, np.ndarray], law: Law) -> np.ndarray:
 
 
 def _law_entry(law: Law, point: np.ndarray, replicates: np.ndarray, n_cells: int) -> dict:
-    named = np.array([law.params(b) for b in replicates], float)
+    named = np.array([law.params(b) for b in replicates], float).reshape(len(replicates), len(law.names))
     ci = {name: percentile_interval(named[:, i]) for i, name in enumerate(law.names)}
     return {name: float(v) for name, v in zip(law.names, law.params(point))} | {
         "ci": ci, "form": law.form, "cells": n_cells}
@@ -207,7 +207,8 @@ def _fit_laws(fits: list[CellFit], fit_on: str, bootstrap: int) -> tuple[dict, d
         if reason:
             skipped[name] = reason
             continue
-        point, reps = _regress(measured, law), np.array([_regress(r, law) for r in replicated])
+        point = _regress(measured, law)
+        reps = np.array([_regress(r, law) for r in replicated]).reshape(len(replicated), len(point))
         laws[name] = _law_entry(law, point, reps, len(np.unique(measured["cell"])))
         betas[name] = (point, reps)
     return laws, skipped, betas
@@ -261,8 +262,8 @@ def fit_hparams(points: pd.DataFrame, *, bootstrap: int = 200, seed: int = 0, fi
     (N, D) and loss, with bootstrap intervals; per family and MoE vs dense when both families are present."""
     if fit_on not in FIT_ON:
         raise FitInputError(f"fit_on {fit_on!r} is not one of {', '.join(FIT_ON)}")
-    if bootstrap < 1:
-        raise FitInputError(f"bootstrap {bootstrap} must be 1 or more (200 gives stable 95% intervals)")
+    if bootstrap < 0:
+        raise FitInputError(f"bootstrap {bootstrap} must be 0 (no intervals) or more (200 gives stable 95% intervals)")
     runs = _usable_runs(points)
     rng = np.random.default_rng(seed)
     fits = [_fit_cell(c, bootstrap, rng) for c in _cells(runs)]

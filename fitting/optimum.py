@@ -27,8 +27,10 @@ def near_optimal(loss: np.ndarray) -> np.ndarray:
     return loss <= loss.min() * (1 + NEAR_OPTIMAL)
 
 
-def percentile_interval(values: np.ndarray) -> list[float]:
-    """The 95% percentile interval of bootstrap replicates, ignoring the ones that failed (NaN)."""
+def percentile_interval(values: np.ndarray) -> list[float] | None:
+    """The 95% percentile interval of bootstrap replicates, ignoring the ones that failed (NaN); None without any."""
+    if np.size(values) == 0:
+        return None
     lo, hi = np.nanpercentile(np.asarray(values, float), CI_PERCENTILES)
     return [float(lo), float(hi)]
 

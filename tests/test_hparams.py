@@ -188,3 +188,14 @@ def test_bad_tables_raise_one_line_errors():
         with pytest.raises(FitInputError, match=message) as info:
             fit_hparams(table, bootstrap=5)
         assert "\n" not in str(info.value)
+
+
+def test_bootstrap_zero_fits_the_laws_without_intervals():
+    loss_law = lambda N, D, C: 0.02 * chinchilla_loss(N, D) ** -1.5  # noqa: E731
+    points = pd.concat([bowl(ND_CELLS[:3], loss_law, nd_batch, seed=6).assign(family="dense"),
+                        bowl(ND_CELLS[3:6], loss_law, nd_batch, seed=7).assign(family="moe")], ignore_index=True)
+    with_ci, without = fit_hparams(points, bootstrap=20), fit_hparams(points, bootstrap=0)
+    assert without["lr_vs_C"]["a"] == with_ci["lr_vs_C"]["a"]
+    assert without["lr_vs_C"]["ci"] == {"k": None, "a": None} and without["cells"][0]["lr_ci"] is None
+    assert without["moe_vs_dense"]["lr"]["ci"] == [None, None, None]
+    json.dumps(without)
