@@ -25,6 +25,7 @@ from fitting.table import check, parametric_rows
 KNOBS = ("lr", "batch_size")
 MIN_CELLS = 2  # two scales give a law (the quickstart sweeps lr at two scales and uses the law at a third)
 SCALE_GAP = 0.10  # N or D values within 10% of a neighbour are one scale: D is rounded to whole batches per run
+SAME = 0.01  # regressor values across cells spanning less than 1% cannot carry a law
 FIT_ON = ("optima", "near_optimal")
 
 
@@ -173,7 +174,7 @@ def _why_not(rows: dict[str, np.ndarray], law: Law) -> str | None:
         return f"{law.knob} is swept in {len(cells)} cell(s); this law needs {max(need, MIN_CELLS)}"
     per_cell = {r: np.log([rows[r][rows["cell"] == c][0] for c in cells]) for r in law.regressors}
     for r, v in per_cell.items():
-        if np.ptp(v) < np.log1p(SCALE_GAP):
+        if np.ptp(v) < np.log1p(SAME):
             return f"every cell has about the same {r}; sweep {law.knob} at other values of {r}"
     if len(law.regressors) > 1:
         centered = np.column_stack([v - v.mean() for v in per_cell.values()])

@@ -199,3 +199,13 @@ def test_bootstrap_zero_fits_the_laws_without_intervals():
     assert without["lr_vs_C"]["ci"] == {"k": None, "a": None} and without["cells"][0]["lr_ci"] is None
     assert without["moe_vs_dense"]["lr"]["ci"] == [None, None, None]
     json.dumps(without)
+
+
+def test_an_lr_sweep_at_two_scales_gives_lr_at_a_third_and_no_batch_size():
+    points = bowl(CHINCHILLA_CELLS[:2], deepseek_lr, deepseek_batch, lr_steps=(-2, -1, 0, 1, 2), batch_steps=(0,))
+    section = fit_hparams(points, bootstrap=20)
+    assert set(section["skipped"]) == {"lr_vs_ND", "batch_vs_C", "batch_vs_ND", "batch_vs_L"}
+    N, D = 4e9, 8e10
+    at = hparams_at(section, N=N, D=D, C=6 * N * D)
+    assert at["lr"] == pytest.approx(deepseek_lr(N, D, 6 * N * D), rel=0.1)
+    assert at["batch_size"] is None
