@@ -93,24 +93,26 @@ def flops_per_token(cfg: ModelConfig) -> FlopCounts:
 # Memory estimate: bytes per element of each training-state tensor.
 _STATE_BYTES = 4 + 4 + 8 + 2  # fp32 param, fp32 grad, AdamW m and v, bf16 autocast copy of the weights
 _ACT_BYTES = 2  # bf16 activations
-_LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, their fp32 copy for the loss, its gradient
+_LOGIT_BYTES = 2 + 4 + 4 + 6  # bf16 logits, fp32 copy and log-softmax for the loss, their gradients
 
 
 def estimate_memory_bytes(cfg: ModelConfig, micro_batch_seqs: int) -> int:
     """Training memory for one micro-batch, deliberately on the high side (it packs trials onto GPUs).
 
     States: 18 bytes per parameter (fp32 weights and grads, AdamW's two moments, a bf16 copy).
-    Activations saved for backward, per token and layer, bf16: 16*d_model for attention (norm input and
-    output, Q, K, V, attention output, projection output, residual, with room for the SDPA statistics)
-    plus, per FFN the token runs through, 4*hidden (gate, up, their product, its input) and d_model for
-    each expert's gathered copy of the token. Logits: 10 bytes each. No activation checkpointing.
+    Activations saved for backward, per token and layer, in bf16 elements: 20*d_model for attention and
+    the two norms (fp32 norm inputs and outputs count double; Q, K, the fused QKV output, the attention
+    output and the projection input) plus, per FFN the token runs through, 4*hidden (gate, up, their
+    product) and 2*d_model for each routed expert's fp32 gathered copy of the token, and 8 per routed
+    expert for the router's fp32 logits and probabilities. Logits: 16 bytes each (bf16, fp32 and the
+    log-softmax, and their gradients). No activation checkpointing.
     """
     d, tokens = cfg.d_model, micro_batch_seqs * cfg.seq_len
     per_token = 0
     for layer in range(cfg.n_layers):
-        per_token += 16 * d
+        per_token += 20 * d
         if is_moe_layer(cfg, layer):
-            per_token += active_experts(cfg) * (4 * expert_width(cfg) + d) + 2 * n_routed(cfg)
+            per_token += active_experts(cfg) * (4 * expert_width(cfg) + 2 * d) + 8 * n_routed(cfg)
         else:
             per_token += 4 * cfg.d_ff
     activations = tokens * (_ACT_BYTES * per_token + _LOGIT_BYTES * cfg.vocab_size)
