@@ -20,8 +20,9 @@ from sweeps.errors import SpecError
 from sweeps.spec import SweepSpec, TrainSpec
 from sweeps.trial import DataConfig, ScheduleConfig, TrainConfig, TrialConfig
 
-# (N_active, D, C) -> {"lr": ..., "batch_size": ...}: values from a fitted hparams law, for 'auto'.
-HparamsAt = Callable[[float, float, float], dict]
+# (parameter counts, D, FLOPs per token) -> {"lr": ..., "batch_size": ...}: a fitted hparams law's values
+# for 'auto'; the caller picks N and C under the conventions the law was fitted with.
+HparamsAt = Callable[[ParamCounts, float, FlopCounts], dict]
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,7 @@ def expand(spec: SweepSpec, *, vocab_size: int, content_hash: str, hparams_at: H
     for cell in cells(spec, vocab_size=vocab_size, content_hash=content_hash):
         lrs, batches = t.lr, t.batch_size
         if "auto" in (lrs, batches):
-            params, per_token = count_params(cell.model), flops_per_token(cell.model)
-            auto = hparams_at(params.active, cell.tokens, per_token.train_6N * cell.tokens)
+            auto = hparams_at(count_params(cell.model), cell.tokens, flops_per_token(cell.model))
             lrs = [_auto(auto, "lr", "train.lr")] if lrs == "auto" else lrs
             if batches == "auto":
                 seq = cell.model.seq_len
