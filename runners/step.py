@@ -1,0 +1,104 @@
+"""One optimizer step and one evaluation: the parts of training that touch tensors.
+
+Kept free of schedules and bookkeeping so that the trainer and the step benchmark run the very same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from runners.schedule import TrialSetupError
+from sweeps.trial import Runtime, TrainConfig
+
+# Dense bf16 tensor-core peak, FLOP/s, by a substring of the device name. H200 has H100's compute.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), int64 [sequences, seq_len] on the device
+
+
+def pick_device(runtime: Runtime) -> torch.device:
+    if runtime.device == "cuda" and not torch.cuda.is_available():
+        raise TrialSetupError("runtime.device: 'cuda' asked but no CUDA device here; use 'auto' or 'cpu'")
+    if runtime.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def wants_compile(runtime: Runtime, device: torch.device) -> bool:
+    """torch.compile on CUDA unless turned off; on CPU only when asked for (it needs a C++ compiler)."""
+    return device.type == "cuda" if runtime.compile == "auto" else bool(runtime.compile)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; plain fp32 on CPU (so CPU runs are exact and deterministic)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak in FLOP/s, or None for a CPU or a GPU not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def make_optimizer(model: nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (fused on CUDA). Weight decay on matrices only: embeddings, norms and biases are not decayed,
+    as in GPT-2/LLaMA training, since shrinking them changes the scale of the residual stream, not capacity."""
+    no_decay = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2 and id(p) not in no_decay]
+    keep = [p for p in params if p.ndim < 2 or id(p) in no_decay]
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=device.type == "cuda")
+
+
+def accumulate_grads(model: nn.Module, micro_batches: Sequence[Batch], device: torch.device
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward over the micro-batches of one step, gradients averaged over them.
+
+    Returns the step's mean cross-entropy (nats/token, without router losses) and its mean router
+    statistics, both still on the device so that no step waits for the GPU.
+    """
+    n = len(micro_batches)
+    loss_sum = torch.zeros((), device=device)
+    router: dict[str, torch.Tensor] = {}
+    for x, y in micro_batches:
+        with autocast(device):
+            out = model(x, y)
+        ((out.loss + out.aux_loss) / n).backward()
+        loss_sum += out.loss.detach().float()
+        for key, value in out.router.items():
+            router[key] = router.get(key, 0.0) + value.detach().float() / n
+    return loss_sum / n, router
+
+
+def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, lr: float, grad_clip: float | None) -> None:
+    """Clip, step at `lr`, and clear the gradients for the next step."""
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> float:
+    """Mean cross-entropy in nats per token over every token of `batches` (one sync at the end)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for x, y in batches:
+        with autocast(device):
+            total += model(x, y).loss.double() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total.item() / count
