@@ -1,0 +1,124 @@
+"""Benchmark of the full training step (forward, backward, clip, AdamW) that `run_trial` runs.
+
+    python -m runners.step_bench [--quick] [--steps N] [--micro SEQS] dense_step moe_step
+
+Each benchmark runs its shapes with and without torch.compile and appends tokens/s, MFU (exact
+training FLOPs per token x tokens/s over the device's bf16 dense peak) and peak memory to
+results/benchmarks.jsonl. Batches are fixed random tokens already on the device, so the figures are
+the step's alone (the trainer's data loading is a memory-mapped gather of a few hundred KB a step).
+On CPU, `--quick` times a tiny model in fp32 in a few seconds, to check that the benchmark runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models import ModelConfig, MoEConfig, build_model, flops_per_token
+from runners import benchlog
+from runners.step import accumulate_grads, apply_update, make_optimizer, peak_flops
+from sweeps.trial import TrainConfig
+
+
+@dataclass(frozen=True)
+class Shape:
+    model: ModelConfig
+    micro_seqs: int  # sequences per step (one micro-batch: sized to fill the GPU without accumulation)
+
+
+def _dense(d: int, layers: int, seq: int, vocab: int, micro: int) -> Shape:
+    return Shape(ModelConfig(d_model=d, n_layers=layers, n_heads=d // 64, d_ff=4 * d, vocab_size=vocab, seq_len=seq), micro)
+
+
+def _moe(d: int, layers: int, seq: int, vocab: int, micro: int) -> Shape:
+    cfg = ModelConfig(family="moe", d_model=d, n_layers=layers, n_heads=d // 64, d_ff=4 * d, vocab_size=vocab,
+                      seq_len=seq, moe=MoEConfig(n_experts=8, top_k=2))
+    return Shape(cfg, micro)
+
+
+# The issue's three dense shapes (d_ff = 4 d gives its ~110M / ~34M / ~7M non-embedding parameters),
+# and an E=8 top-2 MoE on the middle one.
+GPU_SHAPES = {
+    "dense_step": [_dense(768, 12, 1024, 32768, 16), _dense(512, 8, 1024, 16384, 32), _dense(256, 6, 512, 8192, 128)],
+    "moe_step": [_moe(512, 8, 1024, 16384, 16)],
+}
+QUICK_SHAPES = {
+    "dense_step": [_dense(64, 2, 64, 256, 8)],
+    "moe_step": [_moe(64, 2, 64, 256, 8)],
+}
+
+
+def time_step(shape: Shape, device: torch.device, compiled: bool, steps: int, warmup: int) -> dict[str, float]:
+    """Tokens/s, MFU and peak memory of `steps` training steps after `warmup` untimed ones."""
+    torch.manual_seed(0)
+    model = build_model(shape.model).to(device)
+    forward = torch.compile(model) if compiled else model
+    optimizer = make_optimizer(model, TrainConfig(tokens=1, batch_size=shape.model.seq_len, lr=1e-4), device)
+    tokens = torch.randint(0, shape.model.vocab_size, (shape.micro_seqs, shape.model.seq_len + 1), device=device)
+    batch = [(tokens[:, :-1], tokens[:, 1:])]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            accumulate_grads(forward, batch, device)
+            apply_update(model, optimizer, 1e-4, 1.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run(warmup)
+    started = time.perf_counter()
+    run(steps)
+    seconds = time.perf_counter() - started
+    tokens_per_s = steps * shape.micro_seqs * shape.model.seq_len / seconds
+    peak = peak_flops(device)
+    out = {"tokens_per_s": tokens_per_s, "step_ms": 1e3 * seconds / steps}
+    if peak:
+        out["mfu"] = flops_per_token(shape.model).train_exact * tokens_per_s / peak
+    if device.type == "cuda":
+        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+UNITS = {"tokens_per_s": "tokens/s", "mfu": "fraction of peak", "peak_memory_gb": "GiB", "step_ms": "ms"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("benchmarks", nargs="+", choices=sorted(GPU_SHAPES))
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and few steps (a check that it runs)")
+    parser.add_argument("--steps", type=int, help="timed steps (default 20, quick 3)")
+    parser.add_argument("--micro", type=int, help="sequences per step, instead of each shape's default")
+    parser.add_argument("--no-compile", action="store_true", help="only the eager runs")
+    parser.add_argument("--log", type=Path, default=benchlog.LOG, help="the JSON-lines file to append to")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    steps = args.steps or (3 if args.quick else 20)
+    compile_modes = [False] if args.no_compile or device.type == "cpu" else [False, True]
+    for name in args.benchmarks:
+        for shape in (QUICK_SHAPES if args.quick else GPU_SHAPES)[name]:
+            if args.micro:
+                shape = Shape(shape.model, args.micro)
+            for compiled in compile_modes:
+                figures = time_step(shape, device, compiled, steps, warmup=2 if args.quick else 5)
+                m = shape.model
+                config = {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
+                          "seq_len": m.seq_len, "vocab": m.vocab_size, "batch": shape.micro_seqs,
+                          "batch_tokens": shape.micro_seqs * m.seq_len, "compile": compiled, "steps": steps,
+                          "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
+                          **({"experts": m.moe.n_experts, "top_k": m.moe.top_k} if m.moe else {})}
+                for metric, value in figures.items():
+                    benchlog.append(name, metric, round(value, 4), UNITS[metric], config, args.log)
+                print(name, f"d{m.d_model} L{m.n_layers} seq{m.seq_len} batch{shape.micro_seqs}",
+                      "compiled" if compiled else "eager", {k: round(v, 4) for k, v in figures.items()}, flush=True)
+
+
+if __name__ == "__main__":
+    main()
