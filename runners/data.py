@@ -203,21 +203,33 @@ def _build(cfg: DataConfig, digest: str, folder: Path) -> None:
     tokenizer = _new_tokenizer(cfg, threshold)
     if isinstance(tokenizer, HFTokenizer) and cfg.tokenizer == "bpe":
         tokenizer.save(building / TOKENIZER)
-    dtype = np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32
+    ready = time.monotonic()
+    # The model is sized by the config (vocab_size_of); a small corpus may teach BPE fewer ids than that.
+    vocab_size = vocab_size_of(cfg)
+    dtype = np.uint16 if vocab_size < 2**16 else np.uint32
+    counts = _write_tokens(read_documents(cfg), tokenizer, threshold, dtype, building)
+    meta = {"format": FORMAT, "content_hash": digest, "tokenizer": tokenizer.name, "vocab_size": vocab_size,
+            "tokenizer_vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name, **counts,
+            "documents": counts["train_documents"] + counts["val_documents"], "val_fraction": cfg.val_fraction,
+            "val_hash_threshold": threshold, "separator": cfg.separator, "text_field": cfg.text_field,
+            "source": cfg.source, "built_by_pid": os.getpid(), "split_and_tokenizer_seconds": round(ready - started, 3),
+            "tokenize_seconds": round(time.monotonic() - ready, 3)}
+    (building / META).write_text(json.dumps(meta, indent=1))
+    os.rename(building, folder)
+
+
+def _write_tokens(documents: Iterable[str], tokenizer: Tokenizer, val_threshold: int, dtype: type,
+                  folder: Path) -> dict[str, int]:
+    """Append each document's tokens and an end-of-document id to train.bin or val.bin; returns the counts."""
     counts = {"train_tokens": 0, "val_tokens": 0, "train_documents": 0, "val_documents": 0}
-    with open(building / TRAIN, "wb") as train, open(building / VAL, "wb") as val:
-        for docs in _chunks(read_documents(cfg), CHUNK_BYTES):
+    with open(folder / TRAIN, "wb") as train, open(folder / VAL, "wb") as val:
+        for docs in _chunks(documents, CHUNK_BYTES):
             for doc, ids in zip(docs, tokenizer.encode_batch(docs)):
-                split = "val" if split_hash(doc) <= threshold else "train"
+                split = "val" if split_hash(doc) <= val_threshold else "train"
                 np.append(ids, tokenizer.eod).astype(dtype).tofile(val if split == "val" else train)
                 counts[f"{split}_tokens"] += len(ids) + 1
                 counts[f"{split}_documents"] += 1
-    meta = {"format": FORMAT, "content_hash": digest, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
-            "dtype": np.dtype(dtype).name, **counts, "documents": counts["train_documents"] + counts["val_documents"],
-            "val_fraction": cfg.val_fraction, "val_hash_threshold": threshold, "separator": cfg.separator,
-            "text_field": cfg.text_field, "source": cfg.source, "built_by_pid": os.getpid(), "build_seconds": round(time.monotonic() - started, 3)}
-    (building / META).write_text(json.dumps(meta, indent=1))
-    os.rename(building, folder)
+    return counts
 
 
 def _new_tokenizer(cfg: DataConfig, val_threshold: int) -> Tokenizer:

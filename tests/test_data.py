@@ -48,6 +48,10 @@ def split_docs(tokens: np.ndarray, tokenizer) -> list[str]:
     return [tokenizer.decode(tokens[s:e]) for s, e in zip(starts, ends)]
 
 
+def utf8_size(docs: list[str]) -> int:
+    return sum(len(d.encode()) for d in docs)
+
+
 def corpus(tmp_path: Path, n: int = 60) -> tuple[list[str], DataConfig]:
     docs = documents(n)
     write_text(tmp_path / "corpus.txt", with_separators(docs))
@@ -196,9 +200,8 @@ def test_split_is_by_document_deterministic_and_holds_the_fraction(tmp_path):
     assert [d for d in docs if d in set(val)] == val  # each split keeps the source order
     # Validation is the lowest-hashing documents, just enough of them to hold val_fraction of the bytes.
     assert max(map(split_hash, val)) < min(map(split_hash, train))
-    size = lambda ds: sum(len(d.encode()) for d in ds)  # noqa: E731
     highest = max(val, key=split_hash)
-    assert size(val) >= 0.2 * size(docs) > size(val) - size([highest])
+    assert utf8_size(val) >= 0.2 * utf8_size(docs) > utf8_size(val) - utf8_size([highest])
     again = prepare_data(cfg, tmp_path / "elsewhere")
     assert np.array_equal(again.val, data.val) and np.array_equal(again.train, data.train)
 
