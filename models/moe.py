@@ -136,10 +136,10 @@ class MoE(nn.Module):
             logits = F.linear(x.float(), self.router.weight.float())
         routing = route(logits, self.cfg, self.training)
         order, counts, k = routing.order, routing.counts, routing.expert.shape[1]
-        rows = x[order // k]
+        dtype = _compute_dtype(x)
+        rows = x.to(dtype)[order // k]  # cast before the k-fold gather, not after
         if self._grouped(x):
-            dtype = _compute_dtype(x)
-            out = experts_grouped(rows.to(dtype), counts, self.w_gate_up.to(dtype), self.w_down.to(dtype))
+            out = experts_grouped(rows, counts, self.w_gate_up.to(dtype), self.w_down.to(dtype))
         else:
             out = experts_loop(rows, counts, self.w_gate_up, self.w_down)
         unsorted = torch.empty_like(out).index_copy_(0, order, out).view(-1, k, out.shape[-1])
