@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +20,8 @@ from runners.tracking import SweepRuns
 from sweeps.expand import Cell, HparamsAt, PlannedTrial, cells, expand
 from sweeps.spec import SweepSpec
 
-console = Console()
+# Wide when printing to a file or pipe, where rich would otherwise assume 80 columns and squash the tables.
+console = Console() if sys.stdout.isatty() else Console(width=200)
 
 # Rough sustained training FLOP/s, for the plan's time estimate only: one CPU core at fp32 on tiny
 # models, and an H100 at 30% MFU. The real figures are logged per trial as perf/tokens_per_s.
