@@ -140,9 +140,10 @@ def _jsonl_documents(lines: Iterable[str], path: Path, field: str) -> Iterator[s
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"data.source: {path}:{number} is not valid JSON ({e.msg}); fix the line or the file") from None
+            raise DataError(f"data.source: {path}:{number} is not valid JSON ({e.msg}); fix the line") from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise DataError(f"data.text_field: {path}:{number} has no string field '{field}'; set text_field to its text key")
+            raise DataError(f"data.text_field: {path}:{number} has no string field '{field}'; "
+                            "set text_field to the key holding the text")
         yield record[field]
 
 

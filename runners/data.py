@@ -36,7 +36,7 @@ __all__ = ["DataError", "TokenData", "content_hash", "default_cache_dir", "prepa
 
 FORMAT = 1  # bump when the token files' layout or the split rule changes: old caches are then ignored
 META, TRAIN, VAL, TOKENIZER = "meta.json", "train.bin", "val.bin", "tokenizer.json"
-CHUNK_BYTES = 4 << 20  # text handed to the tokenizer at once (it encodes a batch in parallel)
+CHUNK_CHARS = 4 << 20  # characters of text handed to the tokenizer at once (it encodes a batch in parallel)
 
 Tokenizer = ByteTokenizer | HFTokenizer
 
@@ -223,7 +223,7 @@ def _write_tokens(documents: Iterable[str], tokenizer: Tokenizer, val_threshold:
     """Append each document's tokens and an end-of-document id to train.bin or val.bin; returns the counts."""
     counts = {"train_tokens": 0, "val_tokens": 0, "train_documents": 0, "val_documents": 0}
     with open(folder / TRAIN, "wb") as train, open(folder / VAL, "wb") as val:
-        for docs in _chunks(documents, CHUNK_BYTES):
+        for docs in _chunks(documents, CHUNK_CHARS):
             for doc, ids in zip(docs, tokenizer.encode_batch(docs)):
                 split = "val" if split_hash(doc) <= val_threshold else "train"
                 np.append(ids, tokenizer.eod).astype(dtype).tofile(val if split == "val" else train)

@@ -76,6 +76,9 @@ def test_json_lines_read_their_text_field(tmp_path, name):
     assert list(read_documents(DataConfig(source=str(tmp_path / name), text_field="body"))) == docs
     with pytest.raises(DataError, match=r"^data\.text_field: .*c\.jsonl.*:1 has no string field 'text'"):
         list(read_documents(DataConfig(source=str(tmp_path / name))))
+    write_text(tmp_path / f"bad-{name}", json.dumps({"text": "fine"}) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"^data\.source: .*bad-c\.jsonl.*:2 is not valid JSON"):
+        list(read_documents(DataConfig(source=str(tmp_path / f"bad-{name}"))))
 
 
 def test_parquet_reads_its_text_column(tmp_path):
@@ -125,7 +128,7 @@ def test_missing_sources_raise_one_line(source, message):
 
 def test_unsupported_file_and_bad_tokenizer_raise_one_line(tmp_path):
     (tmp_path / "notes.md").write_text("text")
-    with pytest.raises(DataError, match=r"^data\.source: '.*notes\.md' is not a \.txt/\.gz/\.xz/\.jsonl/\.parquet file"):
+    with pytest.raises(DataError, match=r"^data\.source: '.*notes\.md' is not a \.txt/\.gz/\.xz/\.jsonl/\.parquet"):
         content_hash(DataConfig(source=str(tmp_path / "notes.md")))
     with pytest.raises(DataError, match=r"^data\.tokenizer: no file .*missing\.json"):
         vocab_size_of(DataConfig(tokenizer=str(tmp_path / "missing.json")))
@@ -236,8 +239,8 @@ def test_two_processes_preparing_at_once_build_once(tmp_path):
                     val_tokens=256)
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_prepare_in_child, args=(cfg.model_dump_json(), str(tmp_path / "cache"), barrier, results))
-             for _ in range(2)]
+    args = (cfg.model_dump_json(), str(tmp_path / "cache"), barrier, results)
+    procs = [ctx.Process(target=_prepare_in_child, args=args) for _ in range(2)]
     for p in procs:
         p.start()
     outcomes = [results.get(timeout=60) for _ in procs]
