@@ -243,10 +243,10 @@ def test_two_processes_preparing_at_once_build_once(tmp_path):
     procs = [ctx.Process(target=_prepare_in_child, args=args) for _ in range(2)]
     for p in procs:
         p.start()
-    outcomes = [results.get(timeout=60) for _ in procs]
     for p in procs:
-        p.join(timeout=30)
+        p.join(timeout=60)  # each result is a few bytes, so a child can exit before its result is read
     assert [p.exitcode for p in procs] == [0, 0]
+    outcomes = [results.get(timeout=5) for _ in procs]
     (pid_a, builder_a, n_a), (pid_b, builder_b, n_b) = outcomes
     assert builder_a == builder_b in {pid_a, pid_b} and n_a == n_b > 0
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != "hashes"] == [
