@@ -1,0 +1,76 @@
+"""The law forms, as pure numpy functions of named coefficients, and what follows from them in closed form.
+
+Loss is in nats per token; N, D, C and E as in fitting/points.py. Compute-optimal allocation assumes
+C = k N D with k FLOPs per parameter per token (6 under the 6N convention; the law file records k).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fitting.errors import FitInputError
+
+# Coefficients each law has, in the order the fitters use.
+PARAMS = {
+    "chinchilla": ("E", "A", "B", "alpha", "beta"),
+    "kaplan": ("N_c", "D_c", "alpha_N", "alpha_D"),
+    "moe": ("sigma", "A", "B", "alpha", "beta", "gamma"),
+    "power": ("E", "A", "alpha"),
+}
+
+
+def chinchilla(N, D, *, E, A, B, alpha, beta):
+    """L = E + A / N^alpha + B / D^beta (Hoffmann et al. 2022)."""
+    return E + A / np.power(N, alpha) + B / np.power(D, beta)
+
+
+def kaplan(N, D, *, N_c, D_c, alpha_N, alpha_D):
+    """L = [(N_c / N)^(alpha_N / alpha_D) + D_c / D]^alpha_D (Kaplan et al. 2020)."""
+    return np.power(np.power(N_c / np.asarray(N, float), alpha_N / alpha_D) + D_c / np.asarray(D, float), alpha_D)
+
+
+def moe(N, D, E_experts=1, *, sigma, A, B, alpha, beta, gamma):
+    """L = A / (N^alpha E^gamma) + B / D^beta + sigma (Wang et al. 2024); E = 1 is dense."""
+    return A / (np.power(N, alpha) * np.power(E_experts, gamma)) + B / np.power(D, beta) + sigma
+
+
+def power(x, *, E=0.0, A, alpha):
+    """L = E + A x^-alpha, x being N, D or C; E = 0 is the law without an offset."""
+    return E + A / np.power(x, alpha)
+
+
+def as_dense(law: str, params: dict, E_experts: float = 1.0) -> dict:
+    """chinchilla coefficients of a chinchilla or moe law at a fixed number of experts."""
+    if law == "chinchilla":
+        return {k: params[k] for k in PARAMS["chinchilla"]}
+    if law == "moe":
+        return {"E": params["sigma"], "A": params["A"] * E_experts ** -params["gamma"], "B": params["B"],
+                "alpha": params["alpha"], "beta": params["beta"]}
+    raise FitInputError(f"law {law!r} has no loss surface in N and D; use a chinchilla or moe law")
+
+
+def optimal_allocation(C, *, E, A, B, alpha, beta, flops_per_param_token: float = 6.0) -> dict:
+    """Closed-form minimum of E + A/N^alpha + B/D^beta subject to C = k N D (Hoffmann et al. eq. 4).
+
+    N_opt = G (C/k)^a, D_opt = (C/k)^b / G with G = (alpha A / (beta B))^(1/(alpha+beta)),
+    a = beta/(alpha+beta), b = alpha/(alpha+beta).
+    """
+    C = np.asarray(C, float)
+    a, b = beta / (alpha + beta), alpha / (alpha + beta)
+    G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+    per = C / flops_per_param_token
+    n_opt, d_opt = G * per ** a, per ** b / G
+    return {"N_opt": n_opt, "D_opt": d_opt, "loss": chinchilla(n_opt, d_opt, E=E, A=A, B=B, alpha=alpha, beta=beta),
+            "tokens_per_param": d_opt / n_opt, "a": a, "b": b}
+
+
+def compute_for_loss(L: float, *, E, A, B, alpha, beta, flops_per_param_token: float = 6.0) -> float:
+    """The least compute whose optimal allocation reaches loss L.
+
+    Along the optimal path L - E = (A G^-alpha + B G^beta) (C/k)^-(alpha beta/(alpha+beta)), so C inverts in closed form.
+    """
+    if not L > E:
+        raise FitInputError(f"loss {L:g} is not above the law's irreducible loss E = {E:.4g}; ask for a larger loss")
+    G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+    scale = A * G ** -alpha + B * G ** beta
+    return float(flops_per_param_token * (scale / (L - E)) ** ((alpha + beta) / (alpha * beta)))
