@@ -43,8 +43,8 @@ def _moe(d: int, layers: int, seq: int, vocab: int, micro: int) -> Shape:
 # The issue's three dense shapes (d_ff = 4 d gives its ~110M / ~34M / ~7M non-embedding parameters),
 # and an E=8 top-2 MoE on the middle one.
 GPU_SHAPES = {
-    "dense_step": [_dense(768, 12, 1024, 32768, 16), _dense(512, 8, 1024, 16384, 32), _dense(256, 6, 512, 8192, 128)],
-    "moe_step": [_moe(512, 8, 1024, 16384, 16)],
+    "dense_step": [_dense(768, 12, 1024, 32768, 32), _dense(512, 8, 1024, 16384, 32), _dense(256, 6, 512, 8192, 128)],
+    "moe_step": [_moe(512, 8, 1024, 16384, 32)],
 }
 QUICK_SHAPES = {
     "dense_step": [_dense(64, 2, 64, 256, 8)],
@@ -52,11 +52,12 @@ QUICK_SHAPES = {
 }
 
 
-def time_step(shape: Shape, device: torch.device, compiled: bool, steps: int, warmup: int) -> dict[str, float]:
+def time_step(shape: Shape, device: torch.device, compiled: bool, steps: int, warmup: int,
+              mode: str | None = None) -> dict[str, float]:
     """Tokens/s, MFU and peak memory of `steps` training steps after `warmup` untimed ones."""
     torch.manual_seed(0)
     model = build_model(shape.model).to(device)
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model, mode=mode) if compiled else model
     optimizer = make_optimizer(model, TrainConfig(tokens=1, batch_size=shape.model.seq_len, lr=1e-4), device)
     tokens = torch.randint(0, shape.model.vocab_size, (shape.micro_seqs, shape.model.seq_len + 1), device=device)
     batch = [(tokens[:, :-1], tokens[:, 1:])]
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few steps (a check that it runs)")
     parser.add_argument("--steps", type=int, help="timed steps (default 20, quick 3)")
     parser.add_argument("--micro", type=int, help="sequences per step, instead of each shape's default")
-    parser.add_argument("--no-compile", action="store_true", help="only the eager runs")
+    parser.add_argument("--compile", choices=["both", "on", "off"], default="both", help="torch.compile runs (GPU)")
+    parser.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: default)")
     parser.add_argument("--log", type=Path, default=benchlog.LOG, help="the JSON-lines file to append to")
     args = parser.parse_args(argv)
 
@@ -101,17 +103,17 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     steps = args.steps or (3 if args.quick else 20)
-    compile_modes = [False] if args.no_compile or device.type == "cpu" else [False, True]
+    compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile if device.type == "cuda" else "off"]
     for name in args.benchmarks:
         for shape in (QUICK_SHAPES if args.quick else GPU_SHAPES)[name]:
             if args.micro:
                 shape = Shape(shape.model, args.micro)
             for compiled in compile_modes:
-                figures = time_step(shape, device, compiled, steps, warmup=2 if args.quick else 5)
+                figures = time_step(shape, device, compiled, steps, 2 if args.quick else 5, args.compile_mode)
                 m = shape.model
                 config = {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
                           "seq_len": m.seq_len, "vocab": m.vocab_size, "batch": shape.micro_seqs,
-                          "batch_tokens": shape.micro_seqs * m.seq_len, "compile": compiled, "steps": steps,
+                          "batch_tokens": shape.micro_seqs * m.seq_len, "compile": compiled and (args.compile_mode or True), "steps": steps,
                           "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
                           **({"experts": m.moe.n_experts, "top_k": m.moe.top_k} if m.moe else {})}
                 for metric, value in figures.items():

@@ -33,7 +33,7 @@ import torch
 
 from models import build_model, flops_per_token
 from runners import checkpoint, names
-from runners.schedule import Branch, Plan, TrialSetupError, lr_at, plan_trial
+from runners.schedule import Plan, TrialSetupError, lr_at, plan_trial
 from runners.step import (Batch, accumulate_grads, apply_update, evaluate, make_optimizer, peak_flops,
                           pick_device, wants_compile)
 from runners.trial_result import BranchResult, TrialResult
@@ -119,8 +119,7 @@ class _Trainer:
             while self._advance():
                 pass
         except KeyboardInterrupt:
-            if self.consistent:
-                self._save()
+            self._save_if_sound()
             raise
         except Diverged as d:
             return self._result(names.DIVERGED, diverged_at=d.tokens, error=str(d))
@@ -259,6 +258,14 @@ class _Trainer:
         checkpoint.save(self._state(), self.workdir / checkpoint.LATEST)
         self.last_checkpoint = time.monotonic()
         self.clock += time.perf_counter() - started
+
+    def _save_if_sound(self) -> None:
+        """Checkpoint on the way out, unless interrupted mid-update or diverged (the last checkpoint stands)."""
+        if self.consistent:
+            try:
+                self._save()
+            except Diverged:
+                pass
 
     def _load(self, state: dict[str, Any]) -> None:
         progress = checkpoint.restore(state, self.model, self.optimizer)
