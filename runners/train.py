@@ -104,8 +104,10 @@ class _Trainer:
         # This attempt only.
         self.unsynced: list[torch.Tensor] = []
         self.router: dict[str, torch.Tensor] = {}
-        self.train_s = 0.0  # seconds spent in training steps
-        self.trained_tokens = 0  # tokens trained in those seconds
+        # Throughput of this attempt: [tokens, seconds] of its first logged interval (which holds
+        # torch.compile's warm-up) and of all the later ones, the figure the result reports.
+        self.first_interval: list[float] | None = None
+        self.timed = [0.0, 0.0]
         self.interval_tokens = 0  # tokens trained since the last logged point
         self.clock = time.perf_counter()
         self.last_checkpoint = time.monotonic()
@@ -228,8 +230,10 @@ class _Trainer:
         tokens = self.step * self.plan.batch_size
         seconds = now - self.clock
         tokens_per_s = self.interval_tokens / seconds if seconds > 0 else 0.0
-        self.train_s += seconds
-        self.trained_tokens += self.interval_tokens
+        if self.first_interval is None:
+            self.first_interval = [self.interval_tokens, seconds]
+        else:
+            self.timed = [self.timed[0] + self.interval_tokens, self.timed[1] + seconds]
         self.clock, self.interval_tokens = now, 0
         branch = self.plan.branches[self.branch] if self.branch is not None else None
         metrics = {
@@ -304,7 +308,8 @@ class _Trainer:
         main_step = self.step if self.branch is None else self.plan.branches[self.branch].fork_step
         tokens = main_step * self.plan.batch_size
         final = self.final_val if status == names.FINISHED else None
-        tokens_per_s = self.trained_tokens / self.train_s if self.train_s > 0 else 0.0
+        timed_tokens, seconds = self.timed if self.timed[1] > 0 else (self.first_interval or [0.0, 0.0])
+        tokens_per_s = timed_tokens / seconds if seconds > 0 else 0.0
         return TrialResult(
             status=status, final_val_loss=final[0] if final else None, final_val_bpb=final[1] if final else None,
             tokens=tokens, branches=[BranchResult(**b) for b in self.branches_done],

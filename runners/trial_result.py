@@ -23,6 +23,7 @@ class TrialResult:
     repeats_data: bool = False  # some training token was seen twice (more than one epoch)
     diverged_at_tokens: int | None = None
     error: str | None = None  # one line: why the trial stopped early
-    tokens_per_s: float = 0.0  # training throughput of the last attempt (evaluations and checkpoints excluded)
+    tokens_per_s: float = 0.0  # training throughput of the last attempt: evaluations, checkpoints and the
+    # first logged interval (torch.compile warm-up) left out
     mfu: float | None = None  # GPU only
     final_val_bpb: float | None = None

@@ -89,6 +89,7 @@ def test_tiny_dense_trial_learns_and_logs(data, tmp_path):
     assert sink.points[names.VAL_BPB][150 * BATCH] == pytest.approx(
         result.final_val_loss / math.log(2) / data.val_bytes_per_token)
     assert result.repeats_data == (data.epochs(150 * BATCH, SEQ) > 1)
+    assert result.tokens_per_s > 0 and result.mfu is None
     assert len(sink.points[names.TRAIN_LOSS]) >= 150 and names.MFU not in sink.points  # no MFU on a CPU
     per_token = flops_per_token(make_trial(data, 150).model).train_exact
     assert sink.points[names.FLOPS][150 * BATCH] == pytest.approx(150 * BATCH * per_token)
