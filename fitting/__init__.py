@@ -1,0 +1,46 @@
+"""Fitting scaling laws: points table in, law file out. fit_law fits one law; load_law reads a law file."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from fitting.errors import FitInputError
+from fitting.lawfile import Law, load_law
+
+LAWS = ("chinchilla", "kaplan", "moe", "power", "envelope", "isoflop", "hparams")
+
+__all__ = ["LAWS", "FitInputError", "Law", "fit_law", "hparams_at", "load_law"]
+
+
+def fit_law(points: pd.DataFrame, law: str, **options) -> dict:
+    """Fit one law to a points table; returns its section of law.json (for hparams: the hparams section).
+
+    Options: bootstrap, seed, resample ('points' | 'trials'); parametric laws also delta (Huber),
+    x and offset (power), holdout_above, grid.
+    """
+    if law in ("chinchilla", "kaplan", "moe", "power"):
+        from fitting.parametric import fit_parametric
+
+        return fit_parametric(points, law, **options)
+    if law == "envelope":
+        from fitting.envelope import fit_envelope
+
+        return fit_envelope(points, **options)
+    if law == "isoflop":
+        from fitting.isoflop import fit_isoflop
+
+        return fit_isoflop(points, **options)
+    if law == "hparams":
+        from fitting.hparams import fit_hparams
+
+        return fit_hparams(points, bootstrap=options.get("bootstrap", 0), seed=options.get("seed", 0))
+    raise FitInputError(f"--law {law!r} is not one of {', '.join(LAWS)}")
+
+
+def hparams_at(law: Law, *, N: float, D: float, C: float) -> dict:
+    """Learning rate and batch size (tokens) the law file's hparams section gives at (N, D, C)."""
+    if law.hparams is None:
+        raise FitInputError("the law file has no hparams section; fit one with `scaling fit --law hparams`")
+    from fitting.hparams import hparams_at as section_hparams_at
+
+    return section_hparams_at(law.hparams, N=N, D=D, C=C)

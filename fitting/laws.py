@@ -74,3 +74,20 @@ def compute_for_loss(L: float, *, E, A, B, alpha, beta, flops_per_param_token: f
     G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
     scale = A * G ** -alpha + B * G ** beta
     return float(flops_per_param_token * (scale / (L - E)) ** ((alpha + beta) / (alpha * beta)))
+
+
+SURFACES = ("moe", "chinchilla", "kaplan")  # laws that give L(N, D[, E]); a law file's loss uses the first it has
+
+
+def surface_loss(law: str, params: dict, N, D, E_experts=1.0):
+    """L(N, D, E) of a chinchilla, kaplan or moe law; params may hold arrays (one entry per bootstrap replicate)."""
+    N, D, E_experts = (np.asarray(v, float) for v in (N, D, E_experts))
+    if law == "moe":
+        return moe(N, D, E_experts, **{k: params[k] for k in PARAMS["moe"]})
+    if np.any(E_experts != 1):
+        raise FitInputError(f"the {law} law has no experts term; give E = 1 or fit --law moe")
+    if law == "chinchilla":
+        return chinchilla(N, D, **{k: params[k] for k in PARAMS["chinchilla"]})
+    if law == "kaplan":
+        return kaplan(N, D, **{k: params[k] for k in PARAMS["kaplan"]})
+    raise FitInputError(f"law {law!r} gives no loss at (N, D); use one of {', '.join(SURFACES)}")

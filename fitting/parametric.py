@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fitting import bootstrap, laws
+from fitting import laws
+from fitting.bootstrap import interval, intervals, replicate_weights
 from fitting.errors import FitInputError
 from fitting.table import check, data_hash, flops_per_param_token, groups, parametric_rows
 
@@ -243,9 +244,10 @@ SEARCH_FTOL, POLISH_FTOL, POLISH_GTOL, POLISHED = 1e-6, 1e-12, 1e-10, 5
 BOOTSTRAP_STARTS = 3
 
 
-def fit_parametric(points: pd.DataFrame, law: str = "chinchilla", *, delta: float = 1e-3, bootstrap_replicates: int = 0,
+def fit_parametric(points: pd.DataFrame, law: str = "chinchilla", *, delta: float = 1e-3, bootstrap: int = 0,
                    resample: str = "points", seed: int = 0, x: str = "N", offset: bool = True,
-                   grid: dict[str, tuple[float, ...]] | None = None, final_only: bool = True) -> dict:
+                   grid: dict[str, tuple[float, ...]] | None = None, final_only: bool = True,
+                   holdout_above: float | None = None) -> dict:
     """Fit one parametric law to a points table; returns its law-file section (params, ci, diagnostics, ...)."""
     name = law if law != "power" or offset else "power_no_offset"
     if name not in FORMS:
@@ -260,6 +262,13 @@ def fit_parametric(points: pd.DataFrame, law: str = "chinchilla", *, delta: floa
         raise FitInputError("the moe law needs an 'E' column (experts; 1 for dense)")
     used, left_out = parametric_rows(points) if final_only else (points, {})
     check(used, columns)
+    held = None
+    if holdout_above is not None:
+        check(used, ("C",))
+        held, used = used[used["C"] > holdout_above], used[used["C"] <= holdout_above]
+        if held.empty:
+            raise FitInputError(f"--holdout-above {holdout_above:g} leaves no point above it; the largest C is "
+                                f"{used['C'].max():.3g}")
     if len(used) < MIN_POINTS[name]:
         raise FitInputError(f"law {law} needs at least {MIN_POINTS[name]} points, the table has {len(used)} usable"
                             + (f" (left out: {_describe(left_out)})" if left_out else ""))
@@ -280,7 +289,8 @@ def fit_parametric(points: pd.DataFrame, law: str = "chinchilla", *, delta: floa
         "ci": {k: None for k in params},
         "method": {"name": "huber-log-lbfgs", "objective": "sum of Huber(log prediction - log loss)",
                    "options": {"huber_delta": delta, "grid": {k: list(v) for k, v in grid.items()},
-                               "resample": resample, "seed": seed, "final_only": final_only}},
+                               "resample": resample, "seed": seed, "final_only": final_only,
+                               "holdout_above": holdout_above}},
         "n_points": len(used),
         "left_out": left_out,
         "data_hash": data_hash(used, columns),
@@ -293,18 +303,51 @@ def fit_parametric(points: pd.DataFrame, law: str = "chinchilla", *, delta: floa
         section["method"]["options"].update(x=x, offset=offset)
     if law in ("chinchilla", "moe"):
         section["flops_per_param_token"] = flops_per_param_token(used)
-    if bootstrap_replicates:
-        section["bootstrap"] = _bootstrap(form, logs, log_loss, delta, full, len(starts),
-                                          groups(used, resample), bootstrap_replicates, seed)
-        section["ci"] = bootstrap.intervals({k: np.array(v) for k, v in section["bootstrap"]["samples"].items()})
+    if bootstrap:
+        section["bootstrap"] = _bootstrap(form, logs, log_loss, delta, full, groups(used, resample), bootstrap, seed)
+        section["ci"] = intervals({k: np.array(v) for k, v in section["bootstrap"]["samples"].items()})
+    if law in ("chinchilla", "moe"):
+        section["derived"], section["derived_ci"] = _allocation_exponents(section)
+    if held is not None:
+        section["extrapolation"] = extrapolation(section, held, holdout_above)
     return section
 
 
-def _bootstrap(form: Form, logs, log_loss, delta: float, full: Batch, n_starts: int, row_groups: np.ndarray,
+def _allocation_exponents(section: dict) -> tuple[dict, dict]:
+    """a = beta/(alpha+beta) and b = alpha/(alpha+beta) (N_opt ~ C^a, D_opt ~ C^b), with bootstrap intervals."""
+    def ab(p):
+        alpha, beta = np.asarray(p["alpha"], float), np.asarray(p["beta"], float)
+        return {"a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
+    point = {k: float(v) for k, v in ab(section["params"]).items()}
+    samples = section.get("bootstrap", {}).get("samples")
+    return point, (intervals(ab(samples)) if samples else {k: None for k in point})
+
+
+def extrapolation(section: dict, held: pd.DataFrame, above: float) -> dict:
+    """Each held-out point's actual loss against the law's prediction and its bootstrap interval."""
+    E = held["E"].to_numpy(float) if "E" in held.columns and section["law"] == "moe" else 1.0
+    N, D = held["N"].to_numpy(float), held["D"].to_numpy(float)
+    predicted = laws.surface_loss(section["law"], section["params"], N, D, E)
+    samples = section.get("bootstrap", {}).get("samples")
+    spread = (laws.surface_loss(section["law"], {k: np.asarray(v)[:, None] for k, v in samples.items()}, N, D, E)
+              if samples else None)
+    rows = []
+    for i, actual in enumerate(held["loss"].to_numpy(float)):
+        band = interval(spread[:, i]) if spread is not None else None
+        rows.append({"N": float(N[i]), "D": float(D[i]), "C": float(held["C"].iloc[i]), "loss": float(actual),
+                     "predicted": float(predicted[i]), "interval": band,
+                     "relative_error": float(predicted[i] / actual - 1),
+                     "covered": None if band is None else bool(band[0] <= actual <= band[1])})
+    errors = np.abs([r["relative_error"] for r in rows])
+    return {"holdout_above": float(above), "n_held_out": len(rows), "mean_abs_relative_error": float(errors.mean()),
+            "max_abs_relative_error": float(errors.max()), "points": rows}
+
+
+def _bootstrap(form: Form, logs, log_loss, delta: float, full: Batch, row_groups: np.ndarray,
                replicates: int, seed: int) -> dict:
     """Refit on resampled points (or trials), each replicate started from the full fit's best distinct optima."""
     starts = _distinct_optima(full, BOOTSTRAP_STARTS)
-    weights = torch.tensor(bootstrap.replicate_weights(row_groups, replicates, seed), dtype=torch_dtype)
+    weights = torch.tensor(replicate_weights(row_groups, replicates, seed), dtype=torch_dtype)
     per_start = weights.repeat_interleave(len(starts), 0)
     batch = lbfgs(huber_objective(form, logs, log_loss, delta, per_start), np.tile(starts, (replicates, 1)))
     x, _, converged = _best(batch, len(starts))

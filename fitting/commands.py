@@ -1,0 +1,131 @@
+"""`scaling fit` and `scaling predict`: argument parsing and printing only; the work is in the fitters and Law."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fitting import LAWS, fit_law, lawfile
+from fitting.errors import FitInputError
+from fitting.table import flops_per_param_token, load_points, with_conventions
+
+
+def add_fit_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("fit", help="fit a scaling law to a points table (CSV or parquet with N, D, loss)")
+    p.add_argument("--points", type=Path, required=True, help="points table, .csv or .parquet (columns N, D, loss, ...)")
+    p.add_argument("--law", choices=LAWS + ("all",), default="chinchilla")
+    p.add_argument("--out", type=Path, default=Path("law.json"))
+    p.add_argument("--params", choices=["active", "nonembed", "total"], default=None,
+                   help="which N (needs the N_active / N_nonembed / N_total column); default: the table's N")
+    p.add_argument("--flops", choices=["6N", "exact"], default=None,
+                   help="which C (needs C_6N / C_exact); default: the table's C")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates for intervals (0: none)")
+    p.add_argument("--resample", choices=["points", "trials"], default="points", help="what the bootstrap redraws")
+    p.add_argument("--huber-delta", type=float, default=1e-3, help="Huber delta on log-loss residuals")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--x", choices=["N", "D", "C"], default="N", help="the variable of --law power")
+    p.add_argument("--no-offset", action="store_true", help="--law power without the constant E")
+    p.add_argument("--holdout-above", type=float, default=None,
+                   help="fit only points with C at or below this and report the error on those above")
+    p.set_defaults(func=cmd_fit)
+    return p
+
+
+def add_predict_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("predict", help="evaluate a law file: optimal allocation at a compute, or loss at N, D")
+    p.add_argument("--law", type=Path, required=True, help="law.json from `scaling fit` or a sweep")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--compute", type=float, help="training FLOPs: N_opt, D_opt and loss there")
+    what.add_argument("--N", type=float, help="parameters (with --D): the predicted loss")
+    what.add_argument("--loss", type=float, help="target loss: the least compute that reaches it")
+    p.add_argument("--D", type=float, help="training tokens, with --N")
+    p.add_argument("--E", type=float, default=1.0, help="experts (moe law); 1 is dense")
+    p.set_defaults(func=cmd_predict)
+    return p
+
+
+def _check_positive(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise FitInputError(f"{name} {value:g} must be positive")
+
+
+def cmd_fit(args) -> int:
+    _check_positive("--bootstrap", args.bootstrap + 1)
+    points = with_conventions(load_points(args.points), params=args.params, flops=args.flops)
+    meta = {"points": str(args.points), "law": args.law}
+    conv = lawfile.conventions(params=args.params, flops=args.flops, flops_per_param_token=flops_per_param_token(points))
+    if args.law == "all":
+        from fitting.export import fit_all
+
+        fitted = fit_all(points, bootstrap=args.bootstrap, seed=args.seed, resample=args.resample, delta=args.huber_delta)
+        doc = lawfile.document(fitted.sections, conventions=conv, meta=meta, hparams=fitted.hparams, failed=fitted.failed)
+    elif args.law == "hparams":
+        doc = lawfile.document({}, conventions=conv, meta=meta,
+                               hparams=fit_law(points, "hparams", bootstrap=args.bootstrap, seed=args.seed))
+    else:
+        options = {"bootstrap": args.bootstrap, "seed": args.seed, "resample": args.resample}
+        if args.law in ("chinchilla", "kaplan", "moe", "power"):
+            options.update(delta=args.huber_delta, holdout_above=args.holdout_above)
+        if args.law == "power":
+            options.update(x=args.x, offset=not args.no_offset)
+        doc = lawfile.document({args.law: fit_law(points, args.law, **options)}, conventions=conv, meta=meta)
+    lawfile.write(args.out, doc)
+    _print_fit(doc, args.out)
+    return 0
+
+
+def _fmt(value, ci=None) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.4g}"
+    return text + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "")
+
+
+def _print_fit(doc: dict, out: Path) -> None:
+    for name, section in doc["laws"].items():
+        coefs = ", ".join(f"{k} = {_fmt(v, section['ci'].get(k))}" for k, v in section["params"].items())
+        print(f"{name}: {coefs}  ({section['n_points']} points)")
+        if "extrapolation" in section:
+            x = section["extrapolation"]
+            print(f"  held out {x['n_held_out']} points above C = {x['holdout_above']:.3g}: mean |relative error| "
+                  f"{x['mean_abs_relative_error']:.2%}, max {x['max_abs_relative_error']:.2%}")
+    for name, why in doc.get("failed", {}).items():
+        print(f"{name}: not fitted: {why}")
+    if "hparams" in doc:
+        print("hparams: fitted")
+    print(f"wrote {out}")
+
+
+def cmd_predict(args) -> int:
+    law = lawfile.load_law(args.law)
+    for name in ("--compute", "--N", "--D", "--E", "--loss"):
+        _check_positive(name, getattr(args, name[2:]))
+    if args.N is not None:
+        if args.D is None:
+            raise FitInputError("--N needs --D (training tokens)")
+        loss = float(law.loss(args.N, args.D, args.E))
+        print(f"loss(N={args.N:.4g}, D={args.D:.4g}, E={args.E:g}) = {_fmt(loss, law.loss_interval(args.N, args.D, args.E))}"
+              " nats/token")
+        _print_hparams(law, args.N, args.D, law.k * args.N * args.D)
+        return 0
+    compute = args.compute
+    if args.loss is not None:
+        compute = law.compute_for_loss(args.loss, args.E)
+        print(f"compute to reach loss {args.loss:g}: C = {compute:.4g} FLOPs")
+    opt = law.optimal(compute, args.E)
+    print(f"C = {compute:.4g} FLOPs (E = {args.E:g}):")
+    for key, label in (("N_opt", "N_opt"), ("D_opt", "D_opt"), ("loss", "loss (nats/token)"),
+                       ("tokens_per_param", "tokens/param")):
+        print(f"  {label:<18} {_fmt(opt[key], opt[key + '_ci'])}")
+    _print_hparams(law, opt["N_opt"], opt["D_opt"], compute)
+    return 0
+
+
+def _print_hparams(law, N: float, D: float, C: float) -> None:
+    if law.hparams is None:
+        return
+    from fitting import hparams_at
+
+    hp = hparams_at(law, N=N, D=D, C=C)
+    print(f"  {'B_opt (tokens)':<18} {_fmt(hp.get('batch_size'))}")
+    print(f"  {'eta_opt':<18} {_fmt(hp.get('lr'))}")
