@@ -109,6 +109,13 @@ def experts_loop(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor,
     return torch.cat(outs)
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products run in here: autocast's when it is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class MoE(nn.Module):
     """FFN replaced by E*G routed SwiGLU experts of width d_ff/G (top_k*G per token) plus shared ones."""
 
@@ -137,7 +144,9 @@ class MoE(nn.Module):
         routing = route(logits, self.cfg, self.training)
         order, counts, k = routing.order, routing.counts, routing.expert.shape[1]
         dtype = _compute_dtype(x)
-        rows = x.to(dtype)[order // k]  # cast before the k-fold gather, not after
+        # Cast before the k-fold gather, not after; index_select's backward is an index_add (advanced
+        # indexing's would sort the indices again on CUDA).
+        rows = torch.index_select(x.to(dtype), 0, order // k)
         if self._grouped(x):
             out = experts_grouped(rows, counts, self.w_gate_up.to(dtype), self.w_down.to(dtype))
         else:
@@ -163,10 +172,3 @@ def router_stats(routing: Routing, balance: torch.Tensor, z: torch.Tensor) -> di
         "z_loss": z,
     }
     return {name: value.detach() for name, value in stats.items()}
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matrix products run in here: autocast's when it is on, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
