@@ -307,20 +307,27 @@ def fit_parametric(points: pd.DataFrame, law: str = "chinchilla", *, delta: floa
         section["bootstrap"] = _bootstrap(form, logs, log_loss, delta, full, groups(used, resample), bootstrap, seed)
         section["ci"] = intervals({k: np.array(v) for k, v in section["bootstrap"]["samples"].items()})
     if law in ("chinchilla", "moe"):
-        section["derived"], section["derived_ci"] = _allocation_exponents(section)
+        experts = np.unique(used["E"].to_numpy(float)) if law == "moe" else np.array([])
+        section["derived"], section["derived_ci"] = _derived(section, experts[experts > 1])
     if held is not None:
         section["extrapolation"] = extrapolation(section, held, holdout_above)
     return section
 
 
-def _allocation_exponents(section: dict) -> tuple[dict, dict]:
-    """a = beta/(alpha+beta) and b = alpha/(alpha+beta) (N_opt ~ C^a, D_opt ~ C^b), with bootstrap intervals."""
-    def ab(p):
+def _derived(section: dict, experts: np.ndarray) -> tuple[dict, dict]:
+    """a = beta/(alpha+beta) and b = alpha/(alpha+beta) (N_opt ~ C^a, D_opt ~ C^b); for moe also the efficiency
+    gain at each expert count E > 1: dense compute / MoE compute for the same loss, each compute-optimal.
+    Under this law only A changes with E (A E^-gamma), and the optimal loss above sigma scales as
+    A^(beta/(alpha+beta)) C^(-alpha beta/(alpha+beta)), so the gain is E^(gamma/alpha) at every loss."""
+    def figures(p):
         alpha, beta = np.asarray(p["alpha"], float), np.asarray(p["beta"], float)
-        return {"a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
-    point = {k: float(v) for k, v in ab(section["params"]).items()}
+        out = {"a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
+        for e in experts:
+            out[f"efficiency_gain_E{e:g}"] = e ** (np.asarray(p["gamma"], float) / alpha)
+        return out
+    point = {k: float(v) for k, v in figures(section["params"]).items()}
     samples = section.get("bootstrap", {}).get("samples")
-    return point, (intervals(ab(samples)) if samples else {k: None for k in point})
+    return point, (intervals(figures(samples)) if samples else {k: None for k in point})
 
 
 def extrapolation(section: dict, held: pd.DataFrame, above: float) -> dict:

@@ -70,11 +70,16 @@ def parametric_rows(points: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]
                 left_out[s] = int(hit.sum())
             keep &= ~hit
     if "final" in points.columns:
-        final = points["final"].map(lambda v: str(v).lower() in ("true", "1", "1.0"))
+        final = is_final(points)
         if (keep & ~final).any():
             left_out["not final"] = int((keep & ~final).sum())
         keep &= final
     return points[keep], left_out
+
+
+def is_final(points: pd.DataFrame) -> pd.Series:
+    """The `final` column as booleans, whether it was read as bools, 0/1 or the strings True/False."""
+    return points["final"].map(lambda v: str(v).lower() in ("true", "1", "1.0"))
 
 
 def groups(points: pd.DataFrame, resample: str) -> np.ndarray:

@@ -1,0 +1,179 @@
+"""Everything a points table supports, fitted and written: law.json (+ CSV and YAML), plots, a printed summary.
+
+A law the table cannot support is reported in `failed` with its reason; it never stops the export.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from rich.table import Table
+
+from fitting import lawfile
+from fitting.errors import FitInputError
+from fitting.isoflop import budgets_of
+from fitting.parametric import fit_parametric
+from fitting.table import flops_per_param_token, is_final, parametric_rows
+
+
+@dataclass
+class Fitted:
+    sections: dict = field(default_factory=dict)
+    hparams: dict | None = None
+    failed: dict = field(default_factory=dict)
+
+
+def _try(fitted: Fitted, name: str, fit) -> None:
+    try:
+        fitted.sections[name] = fit()
+    except Exception as e:  # a law the data cannot support is reported, whatever went wrong inside its fitter
+        fitted.failed[name] = str(e).splitlines()[0] if isinstance(e, FitInputError) else f"{type(e).__name__}: {e}"
+
+
+def _varies(points: pd.DataFrame, column: str) -> bool:
+    return column in points.columns and points[column].dropna().nunique() > 1
+
+
+def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: str = "points",
+            delta: float = 1e-3) -> Fitted:
+    """chinchilla (dense rows), moe (when E varies), envelope (curves with C), isoflop (budgets), hparams
+    (when lr or batch_size vary), and the extrapolation check of chinchilla on the largest budget."""
+    fitted = Fitted()
+    options = {"bootstrap": bootstrap, "seed": seed, "resample": resample}
+    dense = points[points["E"] == 1] if _varies(points, "E") else points
+    _try(fitted, "chinchilla", lambda: fit_parametric(dense, "chinchilla", delta=delta, **options))
+    if _varies(points, "E"):
+        _try(fitted, "moe", lambda: fit_parametric(points, "moe", delta=delta, **options))
+    if "C" in points.columns and points["C"].notna().all():
+        has_curves = "final" in points.columns and not is_final(points).all()
+        if has_curves:
+            _try(fitted, "envelope", lambda: _fit("envelope", points, options))
+        if "chinchilla" in fitted.sections:
+            _holdout_largest_budget(fitted, dense, delta, options)
+    if "budget" in points.columns and points["budget"].notna().any():
+        _try(fitted, "isoflop", lambda: _fit("isoflop", points[points["budget"].notna()], options))
+    if _varies(points, "lr") or _varies(points, "batch_size"):
+        hp = Fitted()
+        _try(hp, "hparams", lambda: _fit("hparams", points, options))
+        fitted.hparams, fitted.failed = hp.sections.get("hparams"), {**fitted.failed, **hp.failed}
+    return fitted
+
+
+def _fit(law: str, points: pd.DataFrame, options: dict) -> dict:
+    from fitting import fit_law
+
+    return fit_law(points, law, **options)
+
+
+def _holdout_largest_budget(fitted: Fitted, dense: pd.DataFrame, delta: float, options: dict) -> None:
+    """Refit chinchilla without the largest budget and record how well it predicts that budget's points."""
+    rows, _ = parametric_rows(dense)
+    if rows.empty:
+        return
+    budget = budgets_of(rows)
+    if budget.nunique() < 2:
+        return
+    above = float(rows.loc[budget < budget.max(), "C"].max())
+    try:
+        check = fit_parametric(dense, "chinchilla", delta=delta, holdout_above=above, **options)
+        fitted.sections["chinchilla"]["extrapolation"] = check["extrapolation"]
+    except FitInputError as e:
+        fitted.failed["extrapolation"] = str(e)
+
+
+@dataclass
+class ExportSummary:
+    doc: dict
+    paths: list[Path]
+    failed: dict[str, str]
+    left_out: dict[str, int]
+
+    def print(self, console) -> None:
+        table = Table(title=f"fitted laws (N: {self.doc['conventions']['N']}; C: {self.doc['conventions']['C']})")
+        for col in ("law", "coefficient", "value", "95% interval"):
+            table.add_column(col, justify="right" if col != "law" else "left")
+        for name, section in self.doc["laws"].items():
+            values = {**section["params"], **section.get("derived", {})}
+            cis = {**section["ci"], **section.get("derived_ci", {})}
+            for k, v in values.items():
+                ci = cis.get(k)
+                table.add_row(name, k, f"{v:.4g}", f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "-")
+        console.print(table)
+        law = lawfile.Law(self.doc)
+        if any(n in self.doc["laws"] for n in ("chinchilla", "moe", "isoflop", "envelope")):
+            for c in _reference_computes(self.doc):
+                opt = law.optimal(c)
+                console.print(f"C = {c:.3g}: N_opt {opt['N_opt']:.3g}, D_opt {opt['D_opt']:.3g}, "
+                              f"{opt['tokens_per_param']:.3g} tokens/param"
+                              + (f", loss {opt['loss']:.4g}" if opt["loss"] is not None else ""))
+        x = self.doc["laws"].get("chinchilla", {}).get("extrapolation")
+        if x:
+            covered = sum(bool(p["covered"]) for p in x["points"])
+            console.print(f"extrapolation: fitted below C = {x['holdout_above']:.3g}, {x['n_held_out']} points above: "
+                          f"mean |error| {x['mean_abs_relative_error']:.2%}, max {x['max_abs_relative_error']:.2%}, "
+                          f"{covered} inside their interval")
+        if self.left_out:
+            console.print("points left out of the parametric fits: "
+                          + ", ".join(f"{n} {why}" for why, n in self.left_out.items()))
+        for name, why in self.failed.items():
+            console.print(f"not fitted: {name}: {why}")
+        console.print("wrote " + ", ".join(str(p) for p in self.paths))
+
+
+def _reference_computes(doc: dict) -> list[float]:
+    """The largest compute in the data and one and two decades beyond it."""
+    top = max((b["C"] for b in doc["laws"].get("isoflop", {}).get("budgets", [])), default=None)
+    top = top or doc["meta"].get("max_C") or 1e18
+    return [top, 10 * top, 100 * top]
+
+
+def law_rows(doc: dict) -> pd.DataFrame:
+    """The law file flattened: one row per law and coefficient (derived figures included)."""
+    rows = []
+    for name, section in doc["laws"].items():
+        values = {**section["params"], **section.get("derived", {})}
+        cis = {**section["ci"], **section.get("derived_ci", {})}
+        for k, v in values.items():
+            ci = cis.get(k) or [None, None]
+            rows.append({"law": name, "coefficient": k, "value": v, "low": ci[0], "high": ci[1],
+                         "n_points": section["n_points"]})
+    return pd.DataFrame(rows, columns=["law", "coefficient", "value", "low", "high", "n_points"])
+
+
+def _without_samples(doc: dict) -> dict:
+    """The law file without the bootstrap replicates (the YAML export is for reading)."""
+    laws = {name: {k: ({**v, "samples": "see law.json"} if k == "bootstrap" else v) for k, v in s.items()}
+            for name, s in doc["laws"].items()}
+    return {**doc, "laws": laws}
+
+
+def export_laws(points: pd.DataFrame, out_dir: Path, *, meta: dict, bootstrap: int, seed: int = 0) -> ExportSummary:
+    from fitting import plots
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fitted = fit_all(points, bootstrap=bootstrap, seed=seed)
+    conventions = lawfile.conventions(params=_choice(meta.get("N"), ("active", "nonembed", "total")),
+                                      flops=_choice(meta.get("C"), ("6N", "exact")),
+                                      flops_per_param_token=flops_per_param_token(points))
+    if "C" in points.columns and points["C"].notna().any():
+        meta = {**meta, "max_C": float(points["C"].max())}
+    doc = lawfile.document(fitted.sections, conventions=conventions, meta=meta, hparams=fitted.hparams,
+                           failed=fitted.failed)
+    paths = [lawfile.write(out_dir / "law.json", doc)]
+    law_rows(doc).to_csv(out_dir / "law.csv", index=False)
+    plain = json.loads(json.dumps(_without_samples(doc)))  # numpy scalars -> plain numbers for YAML
+    (out_dir / "law.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
+    paths += [out_dir / "law.csv", out_dir / "law.yaml"]
+    paths += plots.plot_all(doc, points, out_dir)
+    _, left_out = parametric_rows(points)
+    return ExportSummary(doc=doc, paths=paths, failed=fitted.failed, left_out=left_out)
+
+
+def _choice(value, allowed: tuple[str, ...]) -> str | None:
+    return value if value in allowed else None

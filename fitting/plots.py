@@ -1,0 +1,159 @@
+"""PNG plots of a law file against its points. Each function draws one figure and returns its path (or None
+when the law file lacks what it shows)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from fitting import laws  # noqa: E402
+from fitting.lawfile import Law  # noqa: E402
+from fitting.table import parametric_rows  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def loss_vs_compute(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
+    """Every point's loss against C, the envelope, and the chinchilla (or moe) compute-optimal frontier."""
+    if "C" not in points.columns:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 5))
+    sc = ax.scatter(points["C"], points["loss"], c=np.log10(points["N"]), s=8, cmap="viridis", alpha=0.6)
+    fig.colorbar(sc, ax=ax, label="log10 N")
+    env = doc["laws"].get("envelope")
+    if env:
+        ax.plot(env["frontier"]["C"], env["frontier"]["loss"], "k-", lw=1.5, label="envelope (approach 1)")
+    law = Law(doc)
+    if any(n in doc["laws"] for n in ("chinchilla", "moe")):
+        grid = np.logspace(np.log10(points["C"].min()), np.log10(points["C"].max()) + 1, 100)
+        ax.plot(grid, [law.optimal(c)["loss"] for c in grid], "r--", label="compute-optimal frontier (approach 3)")
+    ax.set(xscale="log", xlabel="C (FLOPs)", ylabel="loss (nats/token)", title="loss against compute")
+    ax.legend()
+    return _save(fig, path)
+
+
+def isoflop_profiles(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
+    """Per budget: final losses against N, the fitted quadratic and its minimum (crosses: flagged budgets)."""
+    section = doc["laws"].get("isoflop")
+    if not section:
+        return None
+    rows, _ = parametric_rows(points)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    colors = plt.cm.plasma(np.linspace(0, 0.9, len(section["budgets"])))
+    for budget, color in zip(section["budgets"], colors):
+        mine = rows[np.isclose(rows["budget"], budget["budget"])] if "budget" in rows else rows
+        ax.scatter(mine["N"], mine["loss"], color=color, s=14)
+        x = np.linspace(np.log(mine["N"].min()), np.log(mine["N"].max()), 50) - budget["log_N_centre"]
+        c0, c1, c2 = budget["coefficients"]
+        ax.plot(np.exp(x + budget["log_N_centre"]), c0 + c1 * x + c2 * x ** 2, color=color, label=f"C={budget['C']:.2g}")
+        if budget["N_opt"] is not None:
+            ax.plot(budget["N_opt"], budget["loss_opt"], "x" if budget["flag"] else "o", color=color, ms=9)
+    ax.set(xscale="log", xlabel="N", ylabel="loss (nats/token)", title="IsoFLOP profiles (x: flagged minimum)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def residuals(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
+    """log(prediction / loss) of the main loss law at every point it fitted, against N and against D."""
+    name = next((n for n in laws.SURFACES if n in doc["laws"]), None)
+    if name is None:
+        return None
+    rows, _ = parametric_rows(points)
+    if name != "moe" and "E" in rows.columns and rows["E"].nunique() > 1:
+        rows = rows[rows["E"] == 1]
+    E = rows["E"].to_numpy(float) if name == "moe" else 1.0
+    r = np.log(laws.surface_loss(name, doc["laws"][name]["params"], rows["N"], rows["D"], E) / rows["loss"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    for ax, col in zip(axes, ("N", "D")):
+        ax.scatter(rows[col], r, s=10)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set(xscale="log", xlabel=col)
+    axes[0].set_ylabel(f"log(predicted / actual), {name}")
+    return _save(fig, path)
+
+
+def law_against_points(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
+    """Final losses against D, one colour per N, with the fitted surface's curve for each N."""
+    name = next((n for n in laws.SURFACES if n in doc["laws"]), None)
+    if name is None:
+        return None
+    rows, _ = parametric_rows(points)
+    if "E" in rows.columns and rows["E"].nunique() > 1:
+        rows = rows[rows["E"] == 1]
+    sizes = np.sort(rows["N"].unique())
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for n, color in zip(sizes, plt.cm.viridis(np.linspace(0, 0.9, len(sizes)))):
+        mine = rows[rows["N"] == n]
+        ax.scatter(mine["D"], mine["loss"], color=color, s=14)
+        d = np.logspace(np.log10(mine["D"].min()), np.log10(mine["D"].max()), 30)
+        ax.plot(d, laws.surface_loss(name, doc["laws"][name]["params"], n, d), color=color, lw=1, label=f"N={n:.2g}")
+    ax.set(xscale="log", xlabel="D (tokens)", ylabel="loss (nats/token)", title=f"{name} law against the points")
+    if len(sizes) <= 12:
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def optimal_allocation(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
+    """N_opt and D_opt against C with 95% bands: closed form of approach 3, frontiers of approaches 1 and 2."""
+    if not any(n in doc["laws"] for n in ("chinchilla", "moe", "isoflop", "envelope")) or "C" not in points.columns:
+        return None
+    grid = np.logspace(np.log10(points["C"].min()), np.log10(points["C"].max()) + 2, 40)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    law = Law(doc)
+    if any(n in doc["laws"] for n in ("chinchilla", "moe")):
+        opts = [law.optimal(c) for c in grid]
+        for ax, key in zip(axes, ("N_opt", "D_opt")):
+            ax.plot(grid, [o[key] for o in opts], "r-", label="approach 3")
+            if opts[0][key + "_ci"]:
+                ax.fill_between(grid, [o[key + "_ci"][0] for o in opts], [o[key + "_ci"][1] for o in opts],
+                                color="r", alpha=0.2)
+    for name, style in (("envelope", "k--"), ("isoflop", "b:")):
+        section = doc["laws"].get(name)
+        if section:
+            p = section["params"]
+            axes[0].plot(grid, p["k_N"] * grid ** p["a"], style, label=f"{name} (a={p['a']:.3f})")
+            axes[1].plot(grid, p["k_D"] * grid ** p["b"], style, label=f"{name} (b={p['b']:.3f})")
+    for b in doc["laws"].get("isoflop", {}).get("budgets", []):
+        if b["N_opt"] is not None and b["flag"] is None:
+            err = None if b["N_opt_ci"] is None else [[b["N_opt"] - b["N_opt_ci"][0]], [b["N_opt_ci"][1] - b["N_opt"]]]
+            axes[0].errorbar(b["C"], b["N_opt"], yerr=err, fmt="bo", ms=4)
+    for ax, key in zip(axes, ("N_opt", "D_opt")):
+        ax.set(xscale="log", yscale="log", xlabel="C (FLOPs)", ylabel=key)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def dense_against_moe(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
+    """The moe law's compute-optimal loss against C for each expert count in the table."""
+    if "moe" not in doc["laws"] or "C" not in points.columns:
+        return None
+    law = Law(doc)
+    grid = np.logspace(np.log10(points["C"].min()), np.log10(points["C"].max()) + 1, 50)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for e in np.sort(points["E"].unique()):
+        mine = points[points["E"] == e]
+        line, = ax.plot(grid, [law.optimal(c, E=e)["loss"] for c in grid], label=f"E={e:g}")
+        ax.scatter(mine["C"], mine["loss"], s=6, color=line.get_color(), alpha=0.5)
+    ax.set(xscale="log", xlabel="C (FLOPs)", ylabel="loss (nats/token)", title="dense (E=1) against MoE")
+    ax.legend()
+    return _save(fig, path)
+
+
+PLOTS = {"loss_vs_C.png": loss_vs_compute, "isoflop.png": isoflop_profiles, "fit_residuals.png": residuals,
+         "law_vs_points.png": law_against_points, "optimal_allocation.png": optimal_allocation,
+         "dense_vs_moe.png": dense_against_moe}
+
+
+def plot_all(doc: dict, points: pd.DataFrame, out_dir: Path) -> list[Path]:
+    return [p for name, draw in PLOTS.items() if (p := draw(doc, points, Path(out_dir) / name)) is not None]
