@@ -49,7 +49,7 @@ LR = "lr"
 TOKENS_PER_S = "perf/tokens_per_s"
 MFU = "perf/mfu"                     # exact FLOPs/s over the device's peak (GPU only)
 EPOCHS = "data/epochs"               # passes over the unique training tokens so far
-ROUTER_PREFIX = "router/"            # router/layer{i}/{load_max,dropped,aux_loss,z_loss}
+ROUTER_PREFIX = "router/"            # router/layer{i}/{load_max,load_cv,dropped_frac,balance_loss,z_loss}
 
 # Artifacts on the sweep's parent run
 ARTIFACT_DIR = "results"

@@ -36,7 +36,7 @@ class ModelSpec(Frozen):
 
     family: list[Literal["dense", "moe"]] = ["dense"]
     seq_len: int = Field(256, ge=2)
-    shape_rule: str = Field("kaplan-aspect", description="a name in models.shapes.RULES")
+    shape_rule: str = Field("kaplan-aspect", description="a name in models.shapes.SHAPE_RULES")
     tie_embeddings: bool = False
     moe: dict = Field(default_factory=dict, description="MoEConfig fields; a list value is an axis")
 

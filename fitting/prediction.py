@@ -1,0 +1,90 @@
+"""Pre-registered predictions: write down what a law says about a larger budget before training it, then score it.
+
+    python -m fitting.prediction register --law results/S/law.json --compute 6e14 --out results/S/prediction.json
+    python -m fitting.prediction score --prediction results/S/prediction.json --points results/H/points.csv
+
+`register` records N_opt, D_opt and the loss at the optimum with their bootstrap intervals. `score`
+reads the held-out budget's final points, takes the minimum of a parabola in log N through them (the
+IsoFLOP minimum, as approach 2 does) and the best size actually trained, and adds actual_loss, rel_error
+and whether each interval covered what was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fitting.errors import FitInputError
+from fitting.lawfile import load_law
+from fitting.table import check
+
+
+def register(law_path: Path, compute: float, E: int = 1) -> dict:
+    optimal = load_law(law_path).optimal(compute, E=E)
+    return {"registered_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "law": str(law_path),
+            "compute": compute, "E": E, "predicted": optimal}
+
+
+def score(prediction: dict, points: pd.DataFrame) -> dict:
+    table = check(points)
+    if "final" in table:
+        table = table[table.final.astype(bool)]
+    if "E" in table:
+        table = table[table.E == prediction["E"]]
+    if "budget" in table:  # the main runs of the held-out budget (branches end at smaller D)
+        table = table[np.isclose(table.budget.astype(float), prediction["compute"], rtol=0.01)]
+    table = table.sort_values("N")
+    if len(table) < 3:
+        raise FitInputError(f"scoring needs the final points of at least 3 sizes at the held-out budget; found {len(table)}")
+    log_n = np.log(table.N.to_numpy(float))
+    curve = np.polyfit(log_n, table.loss.to_numpy(float), 2)
+    best = table.loc[table.loss.idxmin()]
+    vertex = -curve[1] / (2 * curve[0])
+    inside = curve[0] > 0 and log_n.min() <= vertex <= log_n.max()
+    actual = float(np.polyval(curve, vertex)) if inside else float(best.loss)
+    predicted = prediction["predicted"]
+    loss_ci, n_ci = predicted.get("loss_ci"), predicted.get("N_opt_ci")
+    return prediction | {
+        "actual_loss": actual,
+        "actual_loss_method": "parabola minimum in log N" if inside else "best size trained (parabola minimum outside the sizes)",
+        "best_trained": {"N": float(best.N), "D": float(best.D), "loss": float(best.loss)},
+        "actual_N_opt": float(np.exp(vertex)) if inside else float(best.N),
+        "rel_error": (predicted["loss"] - actual) / actual,
+        "loss_interval_covers": bool(loss_ci and loss_ci[0] <= actual <= loss_ci[1]),
+        "N_opt_interval_covers_best_size": bool(n_ci and n_ci[0] <= float(best.N) <= n_ci[1]),
+        "scored_points": int(len(table)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fitting.prediction", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("register")
+    p.add_argument("--law", type=Path, required=True)
+    p.add_argument("--compute", type=float, required=True)
+    p.add_argument("--E", type=int, default=1)
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("score")
+    p.add_argument("--prediction", type=Path, required=True)
+    p.add_argument("--points", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "register":
+            doc, out = register(args.law, args.compute, args.E), args.out
+        else:
+            doc, out = score(json.loads(args.prediction.read_text()), pd.read_csv(args.points)), args.prediction
+    except FitInputError as e:
+        print(f"error: {e}")
+        return 2
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
