@@ -7,6 +7,18 @@ training FLOPs per token x tokens/s over the device's bf16 dense peak) and peak 
 results/benchmarks.jsonl. Batches are fixed random tokens already on the device, so the figures are
 the step's alone (the trainer's data loading is a memory-mapped gather of a few hundred KB a step).
 On CPU, `--quick` times a tiny model in fp32 in a few seconds, to check that the benchmark runs.
+
+Measured 2026-11-28 on an H100 80GB HBM3 (torch 2.11, compiled, one optimizer step per micro-batch):
+d768/12L/seq1024 batch 32: 41% MFU, 0.43M tokens/s, 22 GiB; d512/8L batch 32: 36%, 1.16M, 10 GiB;
+d256/6L/seq512 batch 128: 22%, 3.7M, 8 GiB; MoE E=8 top-2 on d512/8L batch 32: 31%, 0.67M, 16 GiB.
+Eager is about half of compiled. A profile of the d768 step (H200, batch 16) gives where the time goes: GEMMs
+53% (cuBLAS already at ~80% of peak on them; max-autotune's Triton GEMMs lost to cuBLAS on every
+shape), attention (cuDNN flash) 13%, the SwiGLU backward's memory-bound pointwise kernel 7%, RMSNorm
+backward 3%, full-vocabulary log-softmax on fp32 logits 3%, fused AdamW 4%. What would move the
+figures is in the model, not the step: a SwiGLU and RMSNorm backward fused into the GEMM epilogues,
+a chunked cross-entropy that never writes fp32 logits (most for the small d256 shape, whose 8192-way
+head is a large share of its FLOPs and bytes), and, for d256, fewer launches (CUDA graphs). Larger
+micro-batches help little past 32 x 1024 tokens (d768: 40% at 16, 43% at 32 and 64 on an H200).
 """
 
 from __future__ import annotations

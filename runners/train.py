@@ -242,12 +242,18 @@ class _Trainer:
             names.FLOPS: self.flops_per_token * tokens,
             names.TOKENS_PER_S: tokens_per_s,
             names.EPOCHS: self.data.epochs(tokens, self.trial.model.seq_len),
-            **{names.ROUTER_PREFIX + k: v.item() for k, v in self.router.items()},
+            **dict(zip([names.ROUTER_PREFIX + k for k in self.router], self._host(self.router.values()))),
         }
         if self.peak:
             metrics[names.MFU] = self.flops_per_token * tokens_per_s / self.peak
         (self.branch_sinks(branch.tokens) if branch else self.sink).log(metrics, tokens)
         self.pending = []
+
+    @staticmethod
+    def _host(values) -> list[float]:
+        """Scalars on the device as floats, in one transfer."""
+        values = list(values)
+        return torch.stack(values).tolist() if values else []
 
     # --- checkpoints ----------------------------------------------------------------------------
 
