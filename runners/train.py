@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch
 
 from models import build_model, flops_per_token
 from runners import checkpoint, names
+from runners.data import TokenData
 from runners.schedule import Plan, TrialSetupError, lr_at, plan_trial
 from runners.step import (Batch, accumulate_grads, apply_update, evaluate, make_optimizer, peak_flops,
                           pick_device, wants_compile)
@@ -56,7 +58,7 @@ class Pruned(Exception):
     pass
 
 
-def run_trial(trial: TrialConfig, runtime: Runtime, workdir: Path, sink: Sink, *, data: Any,
+def run_trial(trial: TrialConfig, runtime: Runtime, workdir: Path, sink: Sink, *, data: TokenData,
               branch_sinks: Callable[[int], Sink], on_eval: Callable[[int, float], bool] | None = None) -> TrialResult:
     """Train `trial` to the end (resuming from `workdir` if it holds a checkpoint) and return what it gave."""
     workdir = Path(workdir)
@@ -65,7 +67,11 @@ def run_trial(trial: TrialConfig, runtime: Runtime, workdir: Path, sink: Sink, *
     if done.exists():
         return _result_from_json(done.read_text())
     result = _Trainer(trial, runtime, workdir, sink, data, branch_sinks, on_eval).run()
-    done.write_text(json.dumps(dataclasses.asdict(result)))
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(result)))
+    os.replace(tmp, done)
+    for name in (checkpoint.LATEST, checkpoint.FORK):  # the result stands for them now; free the disk
+        (workdir / name).unlink(missing_ok=True)
     return result
 
 
@@ -76,7 +82,7 @@ def _result_from_json(text: str) -> TrialResult:
 
 
 class _Trainer:
-    def __init__(self, trial: TrialConfig, runtime: Runtime, workdir: Path, sink: Sink, data: Any,
+    def __init__(self, trial: TrialConfig, runtime: Runtime, workdir: Path, sink: Sink, data: TokenData,
                  branch_sinks: Callable[[int], Sink], on_eval: Callable[[int, float], bool] | None):
         self.trial, self.cfg, self.workdir, self.data = trial, trial.train, workdir, data
         self.sink, self.branch_sinks, self.on_eval = sink, branch_sinks, on_eval

@@ -140,6 +140,7 @@ def test_finished_trial_returns_its_result_without_training(data, tmp_path):
     first, _, _ = train(trial, data, tmp_path)
     again, sink, _ = train(trial, data, tmp_path)
     assert again == first and not sink.points
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # checkpoints are deleted once it ends
 
 
 def test_huge_lr_diverges(data, tmp_path):
