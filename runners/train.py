@@ -9,8 +9,13 @@ would have seen.
 
 `checkpoint.pt` always holds where the trial is: the phase (main run or which branch), the step,
 the branches finished so far, and the divergence tracker. A trial that is killed or cancelled
-(KeyboardInterrupt, as Ray delivers it) starts again from there and ends with the same numbers.
-`result.json` marks a trial that has ended, so a retried worker returns its result at once.
+(KeyboardInterrupt, as Ray delivers it) starts again from there and ends with the same numbers
+(bit for bit on the CPU; on the GPU up to the nondeterminism of its kernels). `result.json` marks a
+trial that has ended, so a retried worker returns its result at once, and its checkpoints are deleted.
+
+Divergence (a NaN or Inf train loss, or one over `spike_threshold` x the running minimum after the
+warm-up) is checked whenever losses reach the host, at each logged point and checkpoint; it ends the
+whole trial, also when it happens in a branch.
 
 Logged curves (step = tokens seen on that curve): train loss every `plan.log_every` steps and at
 every evaluation and checkpoint, with lr, exact FLOPs to reach that point on that curve, tokens/s,
@@ -183,6 +188,8 @@ class _Trainer:
         self.branch_sinks(branch.tokens).log({names.VAL_LOSS: loss, names.VAL_BPB: bpb}, branch.tokens)
         done = [*self.branches_done, dataclasses.asdict(BranchResult(branch.tokens, loss, bpb))]
         self.consistent = False
+        # The fork's state holds the divergence tracker too: the branch's decayed, lower losses must
+        # not become the minimum that the main run's losses are held against.
         self._load(checkpoint.load(self.workdir / checkpoint.FORK, self.device))
         self.branches_done = done
         self.consistent = True
