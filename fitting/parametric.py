@@ -294,6 +294,9 @@ def fit_parametric(points: pd.DataFrame, law: str = "chinchilla", *, delta: floa
                             + (f" (left out: {_describe(left_out)})" if left_out else ""))
     logs = _logs(used, form, x)
     log_loss = torch.tensor(np.log(used["loss"].to_numpy(float)), dtype=torch_dtype)
+    unknown = set(grid or {}) - set(form.grid)
+    if unknown:
+        raise FitInputError(f"grid variable {sorted(unknown)[0]!r} is not one of the {law} law's {', '.join(form.grid)}")
     grid = {**form.grid, **(grid or {})}
     starts = grid_starts(grid)
     objective = huber_objective(form, logs, log_loss, delta, None)
