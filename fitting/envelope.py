@@ -2,8 +2,9 @@
 interpolated linearly in log C), the run that reaches it giving N_opt(C) and D_opt(C); then
 N_opt = k_N C^a and D_opt = k_D C^b by least squares in log space.
 
-Only compute values that at least two curves reach count: where a single run is the only one there,
-it is the envelope by default, not by being better.
+Only compute values that at least two curves reach count (where a single run is the only one there,
+it is the envelope by default, not by being better), and only where the lowest curve is neither the
+smallest nor the largest model (there the true optimum may lie beyond the sizes tried).
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ def envelope(curves: list[dict], grid_size: int, min_curves: int = 2) -> pd.Data
     covered = np.isfinite(losses).sum(0) >= min_curves
     best = np.argmin(losses, axis=0)
     cols = np.arange(grid_size)
-    table = pd.DataFrame({"C": np.exp(grid), "loss": losses[best, cols], "N": [curves[i]["N"] for i in best],
-                          "D": np.exp(log_d[best, cols])})
-    return table[covered].reset_index(drop=True)
+    sizes = np.array([c["N"] for c in curves])
+    best_n = sizes[best]
+    # where the smallest or largest model is lowest, the optimum may lie beyond it: censored, not counted
+    interior = (best_n > sizes.min()) & (best_n < sizes.max())
+    table = pd.DataFrame({"C": np.exp(grid), "loss": losses[best, cols], "N": best_n, "D": np.exp(log_d[best, cols])})
+    return table[covered & interior].reset_index(drop=True)
 
 
 def _frontier(table: pd.DataFrame) -> dict:
@@ -64,12 +68,13 @@ def fit_envelope(points: pd.DataFrame, *, bootstrap: int = 0, seed: int = 0, res
         rows = points[~bad]
     curves = _curves(rows)
     sizes = len({c["N"] for c in curves})
-    if len(curves) < 2 or sizes < 2:
-        raise FitInputError(f"envelope needs training curves (2 or more points each) of at least 2 model sizes; "
+    if sizes < 4:
+        raise FitInputError(f"envelope needs training curves (2 or more points each) of at least 4 model sizes; "
                             f"the table has {len(curves)} curves of {sizes} sizes")
     table = envelope(curves, grid_size)
     if table["N"].nunique() < 2:
-        raise FitInputError("envelope: one model size is lowest at every compute; it needs curves that cross")
+        raise FitInputError("envelope: fewer than 2 model sizes between the smallest and largest are ever lowest; "
+                            "it needs more sizes whose curves cross")
     params = _frontier(table)
     step = max(1, len(table) // 50)
     section = {
@@ -97,7 +102,7 @@ def _bootstrap(curves: list[dict], grid_size: int, replicates: int, seed: int, r
     converged = 0
     for r in range(replicates):
         drawn = [c for c, n in zip(curves, counts[r]) for _ in range(n)]
-        if len({c["N"] for c in drawn}) < 2:
+        if len({c["N"] for c in drawn}) < 4:
             continue
         table = envelope(drawn, grid_size)
         if len(table) < 2 or table["N"].nunique() < 2:
