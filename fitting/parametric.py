@@ -275,7 +275,7 @@ def fit_parametric(points: pd.DataFrame, law: str = "chinchilla", *, delta: floa
     if not delta > 0:
         raise FitInputError(f"--huber-delta {delta!r} must be positive")
     form = FORMS[name]
-    columns = ("loss",) + tuple(x if c == "x" else c for c in form.inputs)
+    columns = tuple(x if c == "x" else c for c in form.inputs) + ("loss",)
     if law == "power" and x not in ("N", "D", "C"):
         raise FitInputError(f"--x {x!r} is not one of N, D, C")
     if "E" in form.inputs and "E" not in points.columns:

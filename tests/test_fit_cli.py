@@ -1,0 +1,93 @@
+"""`scaling fit` / `scaling predict` through the real CLI entry point, and the law file they exchange."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fitting import laws, load_law
+from runners.cli import main
+
+HOFFMANN = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+
+
+@pytest.fixture(scope="module")
+def points_csv(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    N, D = (g.ravel() for g in np.meshgrid(np.logspace(7, 10, 6), np.logspace(9, 12, 6)))
+    loss = laws.chinchilla(N, D, **HOFFMANN) * (1 + 0.005 * rng.standard_normal(N.size))
+    path = tmp_path_factory.mktemp("fit") / "points.csv"
+    pd.DataFrame({"N": N, "D": D, "loss": loss}).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def law_json(points_csv):
+    out = points_csv.parent / "law.json"
+    assert main(["fit", "--points", str(points_csv), "--law", "chinchilla", "--out", str(out), "--bootstrap", "40"]) == 0
+    return out
+
+
+def test_fit_writes_a_law_file_with_schema_conventions_and_intervals(law_json, points_csv):
+    doc = json.loads(law_json.read_text())
+    assert doc["schema_version"] == 1 and doc["law"] == "chinchilla"
+    assert set(doc["params"]) == {"A", "B", "E", "alpha", "beta"}
+    assert all(len(doc["ci"][k]) == 2 for k in doc["params"])
+    assert doc["conventions"]["loss"].endswith("nats per token") and doc["conventions"]["flops_per_param_token"] == 6
+    section = doc["laws"]["chinchilla"]
+    assert section["n_points"] == 36 and section["method"]["options"]["huber_delta"] == 1e-3
+    assert section["bootstrap"]["replicates"] == 40 and section["bootstrap"]["converged"] >= 38
+    assert doc["meta"]["points"] == str(points_csv) and len(doc["data_hash"]) == 16
+
+
+def test_predict_at_a_compute_prints_the_closed_form(law_json, capsys):
+    assert main(["predict", "--law", str(law_json), "--compute", "1e21"]) == 0
+    out = capsys.readouterr().out
+    law = load_law(law_json)
+    opt = law.optimal(1e21)
+    assert f"{opt['N_opt']:.4g} [{opt['N_opt_ci'][0]:.4g}, {opt['N_opt_ci'][1]:.4g}]" in out
+    assert opt["N_opt_ci"][0] < opt["N_opt"] < opt["N_opt_ci"][1]
+    assert opt["N_opt"] == pytest.approx(laws.optimal_allocation(1e21, **law.doc["params"])["N_opt"])
+    assert "tokens/param" in out
+
+
+def test_predict_loss_at_n_d_and_compute_for_a_loss(law_json, capsys):
+    assert main(["predict", "--law", str(law_json), "--N", "1e9", "--D", "2e10"]) == 0
+    law = load_law(law_json)
+    assert f"= {float(law.loss(1e9, 2e10)):.4g} [" in capsys.readouterr().out
+    low, high = law.loss_interval(1e9, 2e10)
+    assert low < float(law.loss(1e9, 2e10)) < high
+    assert main(["predict", "--law", str(law_json), "--loss", "2.2"]) == 0
+    C = law.compute_for_loss(2.2)
+    assert f"C = {C:.4g} FLOPs" in capsys.readouterr().out
+    assert law.optimal(C)["loss"] == pytest.approx(2.2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fit", "--points", "missing.csv"], "--points missing.csv: no such file"),
+    (["predict", "--law", "missing.json", "--compute", "1e20"], "--law missing.json: no such file"),
+    (["predict", "--law", "{law}", "--compute", "-1"], "--compute -1 must be positive"),
+    (["predict", "--law", "{law}", "--N", "1e9"], "--N needs --D"),
+    (["predict", "--law", "{law}", "--loss", "1.0"], "not above the law's irreducible loss"),
+    (["predict", "--law", "{law}", "--N", "1e9", "--D", "1e10", "--E", "8"], "no experts term"),
+    (["fit", "--points", "{points}", "--params", "total"], "--params total needs a 'N_total' column"),
+])
+def test_bad_input_exits_2_with_one_line(args, message, law_json, points_csv, capsys):
+    args = [a.format(law=law_json, points=points_csv) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_bad_table_from_the_shell_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"N": [1e9, 2e9], "loss": [2.0, 1.9]}).to_csv(bad, index=False)
+    done = subprocess.run([sys.executable, "-m", "runners.cli", "fit", "--points", str(bad)], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr == "error: points table has no column 'D'; it needs N, D, loss\n"
