@@ -1,0 +1,86 @@
+"""export_laws on a sweep-shaped points table: every law it supports, files, plots, failures reported."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from rich.console import Console
+
+from fitting import laws, load_law
+from fitting.export import export_laws
+
+HOFFMANN = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+
+
+def sweep_points(budgets=(1e18, 1e19, 1e20, 1e21), seed=0) -> pd.DataFrame:
+    """IsoFLOP trials (7 sizes a budget), each a curve of 6 evaluations whose last is final; one diverged trial."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for C in budgets:
+        n_opt = laws.optimal_allocation(C, **HOFFMANN)["N_opt"]
+        for i, N in enumerate(n_opt * np.logspace(-1, 1, 7)):
+            d_final = C / (6 * N)
+            for j, D in enumerate(d_final * np.logspace(-1.5, 0, 6)):
+                rows.append({"trial_id": f"{C:g}-{i}", "N": N, "D": D, "C": 6 * N * D, "budget": C, "E": 1,
+                             "final": j == 5, "status": "finished", "lr": 1e-3, "batch_size": 4096,
+                             "loss": laws.chinchilla(N, D, **HOFFMANN) * (1 + 0.003 * rng.standard_normal())})
+    points = pd.DataFrame(rows)
+    points.loc[points.trial_id == f"{budgets[0]:g}-0", "status"] = "diverged"
+    return points
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    summary = export_laws(sweep_points(), out, meta={"sweep": "synthetic", "N": "active", "C": "6N"}, bootstrap=30)
+    return out, summary
+
+
+def test_export_fits_every_supported_law_and_writes_the_files(exported):
+    out, summary = exported
+    doc = json.loads((out / "law.json").read_text())
+    assert set(doc["laws"]) == {"chinchilla", "envelope", "isoflop"} and doc["law"] == "chinchilla"
+    assert {"A", "B", "E", "alpha", "beta"} == set(doc["params"])
+    assert doc["conventions"]["N"] == "active non-embedding parameters" and doc["conventions"]["C"] == "6 N D"
+    assert doc["meta"]["sweep"] == "synthetic" and "hparams" not in doc
+    for law in ("chinchilla", "isoflop", "envelope"):
+        assert doc["laws"][law]["params"]["a" if law != "chinchilla" else "alpha"] > 0
+    assert doc["laws"]["isoflop"]["params"]["a"] == pytest.approx(0.28 / 0.62, rel=0.05)
+    assert summary.left_out == {"diverged": 6, "not final": 135}
+    names = {p.name for p in summary.paths}
+    assert {"law.json", "law.csv", "law.yaml", "loss_vs_C.png", "isoflop.png", "fit_residuals.png",
+            "optimal_allocation.png", "law_vs_points.png"} <= names
+    assert all(p.stat().st_size > 0 for p in summary.paths)
+    table = pd.read_csv(out / "law.csv")
+    assert set(table.law) == {"chinchilla", "envelope", "isoflop"} and table.value.notna().all()
+    assert yaml.safe_load((out / "law.yaml").read_text())["laws"]["chinchilla"]["params"] == doc["params"]
+
+
+def test_export_checks_extrapolation_to_the_largest_budget(exported):
+    out, _ = exported
+    x = json.loads((out / "law.json").read_text())["laws"]["chinchilla"]["extrapolation"]
+    assert x["n_held_out"] == 7 and all(p["C"] == pytest.approx(1e21) for p in x["points"])
+    assert x["mean_abs_relative_error"] < 0.02
+
+
+def test_summary_prints_coefficients_allocation_and_left_out_points(exported):
+    _, summary = exported
+    buffer = io.StringIO()
+    summary.print(Console(file=buffer, width=200))
+    text = buffer.getvalue()
+    assert "chinchilla" in text and "alpha" in text and "tokens/param" in text
+    assert "6 diverged, 135 not final" in text and "extrapolation" in text
+
+
+def test_a_law_the_table_cannot_support_is_reported_not_raised(tmp_path):
+    points = sweep_points(budgets=(1e19,))  # one budget: no isoflop frontier, no extrapolation
+    summary = export_laws(points, tmp_path, meta={}, bootstrap=0)
+    assert "isoflop" in summary.failed and "at least 2 budgets" in summary.failed["isoflop"]
+    assert "chinchilla" in summary.doc["laws"] and "chinchilla" not in summary.failed
+    law = load_law(tmp_path / "law.json")
+    assert law.doc["failed"] == summary.failed and law.loss_interval(1e9, 1e10) is None
