@@ -78,6 +78,12 @@ def _profiles(rows: pd.DataFrame, budget: pd.Series) -> list[dict]:
 def fit_isoflop(points: pd.DataFrame, *, bootstrap: int = 0, seed: int = 0, resample: str = "points",
                 final_only: bool = True) -> dict:
     rows, left_out = parametric_rows(points) if final_only else (points, {})
+    if "parent_trial_id" in rows.columns:
+        # a WSD branch ends before its trial's budget: its final point is not on that budget's profile
+        branch = rows["parent_trial_id"].fillna("").astype(str) != ""
+        if branch.any():
+            left_out = {**left_out, "branch": int(branch.sum())}
+        rows = rows[~branch]
     check(rows)
     notes = []
     if "C" not in rows.columns or rows["C"].isna().any():

@@ -55,6 +55,14 @@ def test_quadratic_minimum_is_robust_to_one_outlier():
     assert np.log(quadratic_minimum(log_n, loss)["N_opt"]) == pytest.approx(0.4, abs=0.05)
 
 
+def test_isoflop_leaves_out_branches_which_end_before_the_budget():
+    points = isoflop_points().assign(parent_trial_id="")
+    branches = points.assign(D=points.D / 3, C=points.C / 3, parent_trial_id=points.trial_id, loss=points.loss + 0.1)
+    section = fit_law(pd.concat([points, branches], ignore_index=True), "isoflop")
+    assert section["left_out"] == {"branch": 28} and section["n_points"] == 28
+    assert section["params"] == fit_law(points, "isoflop")["params"]
+
+
 def test_isoflop_without_c_computes_6nd_and_says_so():
     section = fit_law(isoflop_points().drop(columns=["C"]), "isoflop")
     assert section["notes"] == ["the table has no C: C = 6 N D"]
