@@ -103,9 +103,10 @@ def cmd_predict(args) -> int:
     if args.N is not None:
         if args.D is None:
             raise FitInputError("--N needs --D (training tokens)")
-        loss = float(law.loss(args.N, args.D, args.E))
-        print(f"loss(N={args.N:.4g}, D={args.D:.4g}, E={args.E:g}) = {_fmt(loss, law.loss_interval(args.N, args.D, args.E))}"
-              " nats/token")
+        if law.has_loss or law.hparams is None:  # a file of hparams laws alone still gives lr and batch size
+            loss = float(law.loss(args.N, args.D, args.E))
+            print(f"loss(N={args.N:.4g}, D={args.D:.4g}, E={args.E:g}) = "
+                  f"{_fmt(loss, law.loss_interval(args.N, args.D, args.E))} nats/token")
         _print_hparams(law, args.N, args.D, law.k * args.N * args.D)
         return 0
     compute = args.compute

@@ -91,6 +91,10 @@ class Law:
         self.hparams: dict | None = doc.get("hparams")
         self.k = float(doc.get("conventions", {}).get("flops_per_param_token", 6.0))
 
+    @property
+    def has_loss(self) -> bool:
+        return any(name in self.laws for name in laws.SURFACES)
+
     def _surface(self) -> tuple[str, dict]:
         for name in laws.SURFACES:
             if name in self.laws:

@@ -91,3 +91,23 @@ def test_bad_table_from_the_shell_exits_2_without_traceback(tmp_path):
                           text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr == "error: points table has no column 'D'; it needs N, D, loss\n"
+
+
+def test_hparams_law_from_fit_to_predict(tmp_path, capsys):
+    """An lr sweep at 4 scales whose optimum is 0.5 C^-0.2: fit --law hparams, then predict gives eta_opt."""
+    rows = []
+    for i, (N, D) in enumerate([(1e6, 2e7), (4e6, 8e7), (1.6e7, 3.2e8), (6.4e7, 1.28e9)]):
+        lr_opt = 0.5 * (6 * N * D) ** -0.2
+        for j, lr in enumerate(lr_opt * np.logspace(-1, 1, 5)):
+            rows.append({"trial_id": f"{i}-{j}", "N": N, "D": D, "C": 6 * N * D, "lr": lr, "batch_size": 4096,
+                         "loss": 3.0 * N ** -0.05 + 0.05 * np.log(lr / lr_opt) ** 2})
+    pd.DataFrame(rows).to_csv(tmp_path / "lr.csv", index=False)
+    out = tmp_path / "law.json"
+    assert main(["fit", "--points", str(tmp_path / "lr.csv"), "--law", "hparams", "--out", str(out),
+                 "--bootstrap", "10"]) == 0
+    law = load_law(out)
+    assert law.hparams is not None and not law.has_loss
+    capsys.readouterr()
+    assert main(["predict", "--law", str(out), "--N", "1e8", "--D", "2e9"]) == 0
+    eta = float(capsys.readouterr().out.split("eta_opt")[1].split()[0])
+    assert eta == pytest.approx(0.5 * (6 * 1e8 * 2e9) ** -0.2, rel=1e-3)
