@@ -69,8 +69,9 @@ def cmd_fit(args) -> int:
         if args.law == "power":
             options.update(x=args.x, offset=not args.no_offset)
         doc = lawfile.document({args.law: fit_law(points, args.law, **options)}, conventions=conv, meta=meta)
-    lawfile.write(args.out, doc)
-    _print_fit(doc, args.out)
+    from fitting.export import write_law_files
+
+    _print_fit(doc, write_law_files(doc, args.out))
     return 0
 
 
@@ -81,7 +82,7 @@ def _fmt(value, ci=None) -> str:
     return text + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "")
 
 
-def _print_fit(doc: dict, out: Path) -> None:
+def _print_fit(doc: dict, paths: list[Path]) -> None:
     for name, section in doc["laws"].items():
         coefs = ", ".join(f"{k} = {_fmt(v, section['ci'].get(k))}" for k, v in section["params"].items())
         print(f"{name}: {coefs}  ({section['n_points']} points)")
@@ -93,7 +94,7 @@ def _print_fit(doc: dict, out: Path) -> None:
         print(f"{name}: not fitted: {why}")
     if "hparams" in doc:
         print("hparams: fitted")
-    print(f"wrote {out}")
+    print("wrote " + ", ".join(str(p) for p in paths))
 
 
 def cmd_predict(args) -> int:

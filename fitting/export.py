@@ -152,6 +152,16 @@ def _without_samples(doc: dict) -> dict:
     return {**doc, "laws": laws}
 
 
+def write_law_files(doc: dict, path: Path) -> list[Path]:
+    """law.json and, beside it, the same law as CSV (one row per coefficient) and YAML (without the replicates)."""
+    path = Path(path)
+    paths = [lawfile.write(path, doc), path.with_suffix(".csv"), path.with_suffix(".yaml")]
+    law_rows(doc).to_csv(paths[1], index=False)
+    plain = json.loads(json.dumps(_without_samples(doc)))  # numpy scalars -> plain numbers for YAML
+    paths[2].write_text(yaml.safe_dump(plain, sort_keys=False))
+    return paths
+
+
 def export_laws(points: pd.DataFrame, out_dir: Path, *, meta: dict, bootstrap: int, seed: int = 0) -> ExportSummary:
     from fitting import plots
 
@@ -165,11 +175,7 @@ def export_laws(points: pd.DataFrame, out_dir: Path, *, meta: dict, bootstrap: i
         meta = {**meta, "max_C": float(points["C"].max())}
     doc = lawfile.document(fitted.sections, conventions=conventions, meta=meta, hparams=fitted.hparams,
                            failed=fitted.failed)
-    paths = [lawfile.write(out_dir / "law.json", doc)]
-    law_rows(doc).to_csv(out_dir / "law.csv", index=False)
-    plain = json.loads(json.dumps(_without_samples(doc)))  # numpy scalars -> plain numbers for YAML
-    (out_dir / "law.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
-    paths += [out_dir / "law.csv", out_dir / "law.yaml"]
+    paths = write_law_files(doc, out_dir / "law.json")
     paths += plots.plot_all(doc, points, out_dir)
     _, left_out = parametric_rows(points)
     return ExportSummary(doc=doc, paths=paths, failed=fitted.failed, left_out=left_out)

@@ -43,6 +43,9 @@ def test_fit_writes_a_law_file_with_schema_conventions_and_intervals(law_json, p
     assert section["n_points"] == 36 and section["method"]["options"]["huber_delta"] == 1e-3
     assert section["bootstrap"]["replicates"] == 40 and section["bootstrap"]["converged"] >= 38
     assert doc["meta"]["points"] == str(points_csv) and len(doc["data_hash"]) == 16
+    rows = pd.read_csv(law_json.with_suffix(".csv")).set_index("coefficient")
+    assert rows.loc["alpha", "value"] == doc["params"]["alpha"] and rows.loc["alpha", "low"] == doc["ci"]["alpha"][0]
+    assert law_json.with_suffix(".yaml").read_text().startswith("schema_version: 1")
 
 
 def test_predict_at_a_compute_prints_the_closed_form(law_json, capsys):
