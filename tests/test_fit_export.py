@@ -84,3 +84,21 @@ def test_a_law_the_table_cannot_support_is_reported_not_raised(tmp_path):
     assert "chinchilla" in summary.doc["laws"] and "chinchilla" not in summary.failed
     law = load_law(tmp_path / "law.json")
     assert law.doc["failed"] == summary.failed and law.loss_interval(1e9, 1e10) is None
+
+
+def test_dense_and_moe_together_give_the_moe_law_and_its_efficiency_gain(tmp_path):
+    truth = dict(sigma=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, gamma=0.1)
+    rng = np.random.default_rng(1)
+    N, D, E = (g.ravel() for g in np.meshgrid(np.logspace(7, 10, 5), np.logspace(9, 12, 5), [1, 8]))
+    loss = laws.moe(N, D, E, **truth) * (1 + 0.005 * rng.standard_normal(N.size))
+    points = pd.DataFrame({"N": N, "D": D, "E": E, "C": 6 * N * D, "loss": loss})
+    summary = export_laws(points, tmp_path, meta={}, bootstrap=20)
+    doc = summary.doc
+    assert doc["law"] == "moe" and doc["laws"]["chinchilla"]["n_points"] == 25  # chinchilla on the dense rows
+    assert doc["laws"]["moe"]["params"]["gamma"] == pytest.approx(0.1, abs=0.01)
+    gain = doc["laws"]["moe"]["derived"]["efficiency_gain_E8"]
+    assert gain == pytest.approx(8 ** (0.1 / 0.34), rel=0.1)
+    law = load_law(tmp_path / "law.json")
+    dense_loss = law.optimal(1e21, E=1)["loss"]
+    assert law.compute_for_loss(dense_loss, E=8) == pytest.approx(1e21 / gain, rel=1e-6)
+    assert (tmp_path / "dense_vs_moe.png").stat().st_size > 0
