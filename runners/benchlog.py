@@ -33,9 +33,11 @@ def commit() -> str:
     return head + ("+dirty" if dirty.strip() else "")
 
 
-def append(benchmark: str, metric: str, value: float, unit: str, config: dict, path: Path = LOG) -> dict:
-    """Append one figure to the log and return it."""
-    line = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device(), "commit": commit(),
+def append(benchmark: str, metric: str, value: float, unit: str, config: dict, path: Path = LOG, *,
+           on: str | None = None, at: str | None = None) -> dict:
+    """Append one figure to the log and return it. `on` and `at` name the device and commit of a figure
+    measured elsewhere (a device call's output, logged here afterwards)."""
+    line = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": on or device(), "commit": at or commit(),
             "benchmark": benchmark, "metric": metric, "value": value, "unit": unit, "config": config}
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:

@@ -9,6 +9,7 @@ validation losses and ask the pruner, as Optuna's distributed mode does.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,8 +77,11 @@ class _Study:
         self.spec, self.cell, self.seed, self.storage = spec, cell, seed, storage
         base = cell.trial(_first(spec.train.lr), _first(spec.train.batch_size), seed)
         self.name = f"{spec.name}/N{base.params.active}-D{base.D:.3g}-s{seed}"
+        # Each study's sampler gets its own seed (from its name): with one seed for all, every scale would
+        # try the same first points, and a search at two scales would be one search done twice.
+        sampler_seed = int(hashlib.sha256(self.name.encode()).hexdigest()[:8], 16)
         self.study = optuna.create_study(study_name=self.name, storage=storage, direction="minimize", load_if_exists=True,
-                                         sampler=_sampler(spec.search, seed), pruner=_pruner(spec.search))
+                                         sampler=_sampler(spec.search, sampler_seed), pruner=_pruner(spec.search))
         self.in_flight: dict[str, int] = {}  # harness trial id -> Optuna trial number
         self._requeue_interrupted()
 

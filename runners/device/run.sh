@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything one device call does, in order: unpack the Python packages the GPU machine lacks, then
-# run the named stages; logs, results, the MLflow store and the benchmark log are copied under $OUT.
+# run the named stages. What comes back is two files under $OUT (the device tool returns at most 8 files of
+# 16 MiB each): log.txt, and run.tar.xz holding results/ (laws, points, plots, benchmark log), the MLflow
+# store and the GPU utilisation samples, packed again after every stage so a cut-off call still returns them.
 #   run.sh bench                      models.bench moe_layer, runners.step_bench dense_step moe_step
 #   run.sh multigpu:SPEC              SPEC on one GPU, then on all: wall time, speedup, per-GPU busy fraction
 #   run.sh sweep:SPEC                 scaling run SPEC (Ray + MLflow, all GPUs)
@@ -14,22 +16,23 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" .data
 mkdir -p /tmp/site && { [ -d /tmp/site/ray ] || tar -xJf .gpu/site.tar.xz -C /tmp/site; }
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
 start=$SECONDS; DEADLINE=${DEADLINE:-540}
-[ -f .data/mlflow.db ] && cp .data/mlflow.db "$OUT/mlflow.db"   # the store a previous call brought back
-export MLFLOW_TRACKING_URI=sqlite:///$OUT/mlflow.db SCALING_CACHE=$PWD/.data/cache
-nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
-nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv,noheader -lms 1000 > "$OUT/gpu_util.csv" &
+work=/tmp/device-run; mkdir -p $work
+[ -f .data/mlflow.db ] && cp .data/mlflow.db $work/mlflow.db   # the store a previous call brought back
+export MLFLOW_TRACKING_URI=sqlite:///$work/mlflow.db SCALING_CACHE=$PWD/.data/cache PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee $work/gpus.txt
+nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv,noheader -lms 1000 > $work/gpu_util.csv &
 monitor=$!
 status=0
 for stage in "$@"; do
   echo "=== $stage $(date -u +%T)"
   case $stage in
     bench) python -m models.bench moe_layer && python -m runners.step_bench dense_step moe_step ;;
-    multigpu:*) python -m runners.device.multigpu "${stage#multigpu:}" --util "$OUT/gpu_util.csv" ;;
+    multigpu:*) python -m runners.device.multigpu "${stage#multigpu:}" --util $work/gpu_util.csv ;;
     sweep:*) timeout --signal=INT $((DEADLINE - (SECONDS - start))) python -m runners.cli run "${stage#sweep:}" ;;
     *) echo "unknown stage $stage"; false ;;
   esac 2>&1 | tee -a "$OUT/log.txt" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  cp -r results "$OUT/"
+  tar -cf - results -C $work mlflow.db gpu_util.csv gpus.txt | xz -T0 -6 > "$OUT/run.tar.xz.part" && mv "$OUT/run.tar.xz.part" "$OUT/run.tar.xz"
 done
 kill $monitor
 exit $status
