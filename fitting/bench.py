@@ -1,5 +1,6 @@
 """`python -m fitting.bench`: time the default chinchilla fit of 250 points and a 1000-replicate bootstrap,
-and append the figures to results/benchmarks.jsonl (benchmark "fit").
+and append the figures to results/benchmarks.jsonl (benchmark "fit"); `--coverage 100` also counts how
+often the bootstrap intervals cover the true coefficients (chinchilla and moe, 100 repeats each).
 
 Goals (issue 6): under 5 s for the fit, under 60 s for the bootstrap, on the 2-core machine. The machine
 is shared, so the 1-minute load average is recorded with every figure, and the fit is timed 3 times.
@@ -29,6 +30,28 @@ def points(n_sizes: int = 10, n_tokens: int = 25, noise: float = 0.01, seed: int
     return pd.DataFrame({"N": N, "D": D, "loss": laws.chinchilla(N, D, **HOFFMANN) * (1 + noise * rng.standard_normal(N.size))})
 
 
+MOE = dict(sigma=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, gamma=0.1)
+
+
+def coverage(law: str, repeats: int, replicates: int) -> dict[str, int]:
+    """How many of `repeats` noisy data sets (1% noise) have 95% intervals that cover each true exponent.
+    One start per fit (the search is not what this measures), placed away from the truth."""
+    covered = {k: 0 for k in (("E", "alpha", "beta") if law == "chinchilla" else ("sigma", "alpha", "beta", "gamma"))}
+    truth = HOFFMANN if law == "chinchilla" else MOE
+    grid = {"a": (5.0,), "b": (5.0,), "alpha": (0.5,), "beta": (0.5,)}
+    grid.update({"e": (0.5,)} if law == "chinchilla" else {"s": (0.5,), "gamma": (0.0,)})
+    for seed in range(repeats):
+        rng = np.random.default_rng(seed)
+        experts = [1] if law == "chinchilla" else [1, 4, 16, 64]
+        N, D, E = (g.ravel() for g in np.meshgrid(np.logspace(7, 11, 8), np.logspace(9, 13, 10), experts))
+        clean = laws.chinchilla(N, D, **HOFFMANN) if law == "chinchilla" else laws.moe(N, D, E, **MOE)
+        table = pd.DataFrame({"N": N, "D": D, "E": E, "loss": clean * (1 + 0.01 * rng.standard_normal(N.size))})
+        section = fit_parametric(table, law, grid=grid, bootstrap=replicates, seed=seed)
+        for k in covered:
+            covered[k] += section["ci"][k][0] <= truth[k] <= section["ci"][k][1]
+    return covered
+
+
 def _timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -39,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fitting.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--replicates", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3, help="times the fit is timed (the median is logged)")
+    parser.add_argument("--coverage", type=int, default=0, metavar="REPEATS",
+                        help="also count how often the 95%% intervals cover the truth (chinchilla and moe)")
     args = parser.parse_args(argv)
     table = points()
     config = {"points": len(table), "law": "chinchilla", "grid": "default (4500 starts)", "huber_delta": 1e-3,
@@ -54,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(benchlog.append("fit", "approach3_bootstrap_seconds", round(boot_seconds, 3), "s",
                                  {**config, "replicates": args.replicates, "converged": boot["bootstrap"]["converged"],
                                   "includes": "the fit itself", "load_avg_1m": round(os.getloadavg()[0], 2)}))
+    if args.coverage:
+        for law in ("chinchilla", "moe"):
+            seconds, covered = _timed(lambda: coverage(law, args.coverage, 100))
+            for k, n in covered.items():
+                lines.append(benchlog.append("fit", f"{law}_ci95_covers_{k}", n, f"of {args.coverage}",
+                                             {"law": law, "points": 80 if law == "chinchilla" else 320, "noise": 0.01,
+                                              "replicates": 100, "seconds": round(seconds, 1),
+                                              "load_avg_1m": round(os.getloadavg()[0], 2)}))
     for line in lines:
         print(f"{line['metric']}: {line['value']} {line['unit']} ({line['device']}, load {line['config']['load_avg_1m']})")
     return 0
