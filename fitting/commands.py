@@ -86,6 +86,8 @@ def _print_fit(doc: dict, paths: list[Path]) -> None:
     for name, section in doc["laws"].items():
         coefs = ", ".join(f"{k} = {_fmt(v, section['ci'].get(k))}" for k, v in section["params"].items())
         print(f"{name}: {coefs}  ({section['n_points']} points)")
+        if section.get("derived"):
+            print("  " + ", ".join(f"{k} = {_fmt(v, section['derived_ci'].get(k))}" for k, v in section["derived"].items()))
         if "extrapolation" in section:
             x = section["extrapolation"]
             print(f"  held out {x['n_held_out']} points above C = {x['holdout_above']:.3g}: mean |relative error| "
