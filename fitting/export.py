@@ -39,16 +39,43 @@ def _varies(points: pd.DataFrame, column: str) -> bool:
     return column in points.columns and points[column].dropna().nunique() > 1
 
 
+def best_per_cell(points: pd.DataFrame) -> pd.DataFrame:
+    """Where lr or batch size vary, each (family, E, N, D) cell keeps only its best final row: a loss law is
+    about the loss at tuned hyperparameters, and an average over a search would bias it up."""
+    if not (_varies(points, "lr") or _varies(points, "batch_size")) or "final" not in points.columns:
+        return points
+    final = is_final(points)
+    keys = [c for c in ("family", "E", "N", "D") if c in points.columns]
+    best = points[final].sort_values("loss").drop_duplicates(keys)
+    return pd.concat([points[~final], best]).sort_index()
+
+
+def _identifiable(points: pd.DataFrame) -> None:
+    """A surface in N and D needs several of each among the final points, or its exponents are not determined."""
+    final = points[is_final(points)] if "final" in points.columns else points
+    n, d = final["N"].nunique(), final["D"].nunique()
+    if n < 3 or d < 3:
+        raise FitInputError(f"a loss law in N and D needs at least 3 model sizes and 3 token counts among the final "
+                            f"points; this sweep has {n} and {d} (a search or a single budget is not a scaling sweep)")
+
+
 def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: str = "points",
             delta: float = 1e-3) -> Fitted:
     """chinchilla (dense rows), moe (when E varies), envelope (curves with C), isoflop (budgets), hparams
-    (when lr or batch_size vary), and the extrapolation check of chinchilla on the largest budget."""
+    (when lr or batch_size vary), and the extrapolation check of chinchilla on the largest budget. The loss
+    laws see each cell's best run when hyperparameters vary; the hparams laws see every run."""
     fitted = Fitted()
     options = {"bootstrap": bootstrap, "seed": seed, "resample": resample}
-    dense = points[points["E"] == 1] if _varies(points, "E") else points
-    _try(fitted, "chinchilla", lambda: fit_parametric(dense, "chinchilla", delta=delta, **options))
+    tuned = best_per_cell(points)
+    dense = tuned[tuned["E"] == 1] if _varies(tuned, "E") else tuned
+
+    def surface(law: str, rows: pd.DataFrame):
+        _identifiable(rows)
+        return fit_parametric(rows, law, delta=delta, **options)
+
+    _try(fitted, "chinchilla", lambda: surface("chinchilla", dense))
     if _varies(points, "E"):
-        _try(fitted, "moe", lambda: fit_parametric(points, "moe", delta=delta, **options))
+        _try(fitted, "moe", lambda: surface("moe", tuned))
     if "C" in points.columns and points["C"].notna().all():
         has_curves = "final" in points.columns and not is_final(points).all()
         if has_curves:
@@ -56,7 +83,7 @@ def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: st
         if "chinchilla" in fitted.sections:
             _holdout_largest_budget(fitted, dense, delta, options)
     if "budget" in points.columns and points["budget"].notna().any():
-        _try(fitted, "isoflop", lambda: _fit("isoflop", points[points["budget"].notna()], options))
+        _try(fitted, "isoflop", lambda: _fit("isoflop", tuned[tuned["budget"].notna()], options))
     if _varies(points, "lr") or _varies(points, "batch_size"):
         hp = Fitted()
         _try(hp, "hparams", lambda: _fit("hparams", points, options))

@@ -102,3 +102,23 @@ def test_dense_and_moe_together_give_the_moe_law_and_its_efficiency_gain(tmp_pat
     dense_loss = law.optimal(1e21, E=1)["loss"]
     assert law.compute_for_loss(dense_loss, E=8) == pytest.approx(1e21 / gain, rel=1e-6)
     assert (tmp_path / "dense_vs_moe.png").stat().st_size > 0
+
+
+def test_loss_laws_take_each_cells_best_run_when_hyperparameters_vary(tmp_path):
+    """Three learning rates per trial, two of them off the optimum by a known penalty: the loss law must be
+    the one at the best lr, not one biased up by averaging over the search."""
+    base = sweep_points()
+    detuned = [base.assign(lr=lr, loss=base.loss * (1 + penalty), trial_id=base.trial_id + f"-lr{lr}")
+               for lr, penalty in ((3e-4, 0.02), (3e-3, 0.05))]
+    points = pd.concat([base, *detuned], ignore_index=True)
+    summary = export_laws(points, tmp_path, meta={}, bootstrap=0)
+    fitted = summary.doc["laws"]["chinchilla"]["params"]
+    assert fitted["alpha"] == pytest.approx(HOFFMANN["alpha"], rel=0.1)
+    assert fitted["E"] == pytest.approx(HOFFMANN["E"], rel=0.05)
+
+
+def test_a_search_at_two_sizes_is_not_fitted_as_a_loss_law(tmp_path):
+    points = sweep_points()
+    two_sizes = points[points.N.isin(sorted(points.N.unique())[:2])]
+    summary = export_laws(two_sizes, tmp_path, meta={}, bootstrap=0)
+    assert "chinchilla" in summary.failed and "at least 3 model sizes" in summary.failed["chinchilla"]
