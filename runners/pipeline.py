@@ -18,6 +18,7 @@ from runners.search import GridSource, SearchSource
 from runners.sweep import SweepOutcome, connect, run_trials
 from runners.tracking import SweepRuns
 from sweeps.expand import Cell, HparamsAt, PlannedTrial, cells, expand
+from sweeps.errors import SpecError
 from sweeps.spec import SweepSpec
 
 # Wide when printing to a file or pipe, where rich would otherwise assume 80 columns and squash the tables.
@@ -137,6 +138,8 @@ def run(spec: SweepSpec, *, address: str | None, fit: bool = True, cache_dir: Pa
     prepare_data(spec.data, cache_dir)  # tokenize once here, so the trials find the cache and bad data fails early
     started = connect(address)
     try:
+        if spec.runtime.device == "cuda" and not ray.cluster_resources().get("GPU"):
+            raise SpecError("runtime.device: 'cuda' but the Ray cluster has no GPUs; use 'auto' or 'cpu'")
         outcome = run_trials(spec, trials, runs, cache_dir=cache_dir)
     finally:
         if started:

@@ -73,3 +73,10 @@ def test_run_twice_trains_once_and_exports_the_same_law(tmp_path, sqlite_uri, lo
     trials_after = SweepRuns("e2e", sqlite_uri).runs(names.ROLE_TRIAL)
     assert {t: metric_steps(runs, r.info.run_id, names.TRAIN_LOSS) for t, r in trials_after.items()} == steps_before
     assert json.loads((results / "law.json").read_text())["params"] == law["params"]
+
+
+@pytest.mark.slow
+def test_cuda_asked_on_a_cluster_without_gpus_is_one_line_exit_2(tmp_path, sqlite_uri, local_ray, capsys):
+    spec = tiny_spec(tmp_path, name="nocuda", runtime={"device": "cuda"})
+    assert main(["run", str(spec)]) == 2
+    assert "runtime.device: 'cuda' but the Ray cluster has no GPUs" in capsys.readouterr().err
