@@ -58,6 +58,9 @@ def start_driver(spec: Path, uri: str, *extra: str):
     import subprocess
     import sys
 
+    from runners.tracking import client
+
+    client(uri).search_experiments()  # create the store here: a test polling it while the driver migrates it would race
     env = os.environ | {"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0"}
     return subprocess.Popen([sys.executable, "-m", "runners.cli", "run", str(spec), *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
