@@ -80,3 +80,19 @@ def test_cuda_asked_on_a_cluster_without_gpus_is_one_line_exit_2(tmp_path, sqlit
     spec = tiny_spec(tmp_path, name="nocuda", runtime={"device": "cuda"})
     assert main(["run", str(spec)]) == 2
     assert "runtime.device: 'cuda' but the Ray cluster has no GPUs" in capsys.readouterr().err
+
+
+def test_lr_and_batch_auto_take_the_law_at_each_trials_scale(tmp_path):
+    """`auto` reads the hparams law at each trial's own N and C (under the spec's conventions)."""
+    law = tmp_path / "law.json"
+    law.write_text(json.dumps({"schema_version": 1, "laws": {}, "hparams": {
+        "lr_vs_C": {"k": 0.3118, "a": -0.125}, "batch_vs_C": {"k": 0.292, "b": 0.3271}}}))
+    spec = tiny_spec(tmp_path, train={"lr": "auto", "batch_size": "auto"}, hparams_law=str(law))
+    out = tmp_path / "plan.csv"
+    assert main(["plan", str(spec), "--format", "csv", "--out", str(out)]) == 0
+    plan = pd.read_csv(out)
+    assert plan.lr.nunique() == len(plan)  # every trial its own scale, its own lr
+    for _, row in plan.iterrows():
+        C = row.flops_6N  # fit.flops 6N: C = 6 N_active D, D before rounding to whole batches
+        assert row.lr == pytest.approx(0.3118 * C**-0.125, rel=0.02)
+        assert row.batch_size % 32 == 0 and row.batch_size == pytest.approx(0.292 * C**0.3271, rel=0.5)
