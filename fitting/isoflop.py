@@ -75,8 +75,8 @@ def _profiles(rows: pd.DataFrame, budget: pd.Series) -> list[dict]:
     return out
 
 
-def fit_isoflop(points: pd.DataFrame, *, bootstrap: int = 0, seed: int = 0, resample: str = "points",
-                final_only: bool = True) -> dict:
+def profile_rows(points: pd.DataFrame, final_only: bool = True) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The points on the budgets' profiles, and counts of those left out."""
     rows, left_out = parametric_rows(points) if final_only else (points, {})
     if "parent_trial_id" in rows.columns:
         # a WSD branch ends before its trial's budget: its final point is not on that budget's profile
@@ -84,6 +84,12 @@ def fit_isoflop(points: pd.DataFrame, *, bootstrap: int = 0, seed: int = 0, resa
         if branch.any():
             left_out = {**left_out, "branch": int(branch.sum())}
         rows = rows[~branch]
+    return rows, left_out
+
+
+def fit_isoflop(points: pd.DataFrame, *, bootstrap: int = 0, seed: int = 0, resample: str = "points",
+                final_only: bool = True) -> dict:
+    rows, left_out = profile_rows(points, final_only)
     check(rows)
     notes = []
     if "C" not in rows.columns or rows["C"].isna().any():

@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 
 from fitting import laws  # noqa: E402
 from fitting.lawfile import Law  # noqa: E402
+from fitting.isoflop import profile_rows  # noqa: E402
 from fitting.table import parametric_rows  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def isoflop_profiles(doc: dict, points: pd.DataFrame, path: Path) -> Path | None
     section = doc["laws"].get("isoflop")
     if not section:
         return None
-    rows, _ = parametric_rows(points)
+    rows, _ = profile_rows(points)
     fig, ax = plt.subplots(figsize=(7, 5))
     colors = plt.cm.plasma(np.linspace(0, 0.9, len(section["budgets"])))
     for budget, color in zip(section["budgets"], colors):
