@@ -5,6 +5,7 @@
 # store and the GPU utilisation samples, packed again after every stage so a cut-off call still returns them.
 #   run.sh bench                      models.bench moe_layer, runners.step_bench dense_step moe_step
 #   run.sh multigpu:SPEC              SPEC on one GPU, then on all: wall time, speedup, per-GPU busy fraction
+#   run.sh packing:SPEC               SPEC on one GPU, a trial at a time, then packed at its share
 #   run.sh sweep:SPEC                 scaling run SPEC (Ray + MLflow, all GPUs)
 # DEADLINE (seconds from the start, default 540) stops a sweep with Ctrl-C in time to copy what it made:
 # its finished trials stay finished in the MLflow store, and the next call resumes the rest.
@@ -27,7 +28,7 @@ for stage in "$@"; do
   echo "=== $stage $(date -u +%T)"
   case $stage in
     bench) python -m models.bench moe_layer && python -m runners.step_bench dense_step moe_step ;;
-    multigpu:*) python -m runners.device.multigpu "${stage#multigpu:}" --util $work/gpu_util.csv ;;
+    multigpu:*|packing:*) python -m runners.device.sweepbench "${stage%%:*}" "${stage#*:}" --util $work/gpu_util.csv ;;
     sweep:*) timeout --signal=INT $((DEADLINE - (SECONDS - start))) python -m runners.cli run "${stage#sweep:}" ;;
     *) echo "unknown stage $stage"; false ;;
   esac 2>&1 | tee -a "$OUT/log.txt" | tail -40

@@ -1,0 +1,19 @@
+"""The sweep benchmarks' busy fraction, read from nvidia-smi's own CSV format."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from runners.device.sweepbench import busy_fraction
+
+
+def test_busy_fraction_is_the_mean_utilisation_inside_the_window(tmp_path):
+    lines = [f"2026/11/28 06:38:{s:02d}.{ms:03d}, {gpu}, {util} %, 5790 MiB"
+             for s, (u0, u1) in enumerate([(100, 0), (50, 0), (0, 100), (100, 100)]) for ms, gpu, util in ((4, 0, u0), (8, 1, u1))]
+    csv = tmp_path / "util.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    at = lambda s: datetime(2026, 11, 28, 6, 38, s, tzinfo=timezone.utc).timestamp()  # noqa: E731
+    assert busy_fraction(csv, (at(0), at(2))) == {0: pytest.approx(0.75), 1: pytest.approx(0.0)}
+    assert busy_fraction(csv, (at(2), at(4))) == {0: pytest.approx(0.5), 1: pytest.approx(1.0)}
