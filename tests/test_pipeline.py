@@ -52,17 +52,18 @@ def test_spec_typo_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_run_twice_trains_once_and_exports_the_same_law(tmp_path, sqlite_uri, local_ray):
-    spec = tiny_spec(tmp_path, name="e2e", train={"branches_per_run": 2})  # 3 final points a trial
+    spec = tiny_spec(tmp_path, name="e2e", grid={"sizes": [3000, 6000, 12000], "tokens": [20_000, 60_000]},
+                     train={"branches_per_run": 2})  # 3 sizes (a loss law needs 3), 3 final points a trial
     assert main(["run", str(spec)]) == 0
     runs = SweepRuns("e2e", sqlite_uri)
     trials = runs.runs(names.ROLE_TRIAL)
-    assert len(trials) == 4 and {r.data.tags[names.TAG_STATUS] for r in trials.values()} == {names.FINISHED}
+    assert len(trials) == 6 and {r.data.tags[names.TAG_STATUS] for r in trials.values()} == {names.FINISHED}
     results = tmp_path / "results" / "e2e"
     law = json.loads((results / "law.json").read_text())
     points = pd.read_csv(results / "points.csv")
     branches = runs.runs(names.ROLE_BRANCH)
-    assert len(branches) == 8 and {r.data.tags[names.TAG_PARENT_TRIAL] for r in branches.values()} == set(trials)
-    assert points.final.sum() == 12 and set(points.trial_id) == set(trials) | set(branches)
+    assert len(branches) == 12 and {r.data.tags[names.TAG_PARENT_TRIAL] for r in branches.values()} == set(trials)
+    assert points.final.sum() == 18 and set(points.trial_id) == set(trials) | set(branches)
     assert {"A", "B", "E", "alpha", "beta"} <= set(law["params"])
     assert list(results.glob("*.png"))
     artifacts = {f.path for f in runs.client.list_artifacts(runs.parent_id, names.ARTIFACT_DIR)}

@@ -95,12 +95,13 @@ def test_sigkilled_driver_rerun_trains_only_what_is_left(tmp_path, sqlite_uri):
 
     try:
         wait_for(one_done_one_running, 300)
-        finished_before = {t: r.info.run_id for t, r in trial_runs("killdriver", sqlite_uri).items()
-                           if r.data.tags[names.TAG_STATUS] == names.FINISHED}
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
         driver.wait(timeout=60)
     finally:
         driver.kill()
+    finished_before = {t: r.info.run_id for t, r in trial_runs("killdriver", sqlite_uri).items()
+                       if r.data.tags[names.TAG_STATUS] == names.FINISHED}
+    assert len(finished_before) < 4
     runs = SweepRuns("killdriver", sqlite_uri)
     steps_before = {t: metric_steps(runs, run_id, names.TRAIN_LOSS) for t, run_id in finished_before.items()}
 
