@@ -4,6 +4,7 @@ two-node cluster, a SIGKILLed worker, a SIGKILLed driver, Ctrl-C, and a trial th
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections import defaultdict
 
@@ -108,7 +109,8 @@ def test_sigkilled_driver_rerun_trains_only_what_is_left(tmp_path, sqlite_uri):
     rerun = start_driver(spec, sqlite_uri)
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, out
-    assert f"{len(finished_before)} already done" in out
+    skipped = re.search(r"(\d+) already done", out)
+    assert skipped and int(skipped.group(1)) >= len(finished_before)
     trials = runs.runs(names.ROLE_TRIAL)
     assert len(trials) == 4 and {r.data.tags[names.TAG_STATUS] for r in trials.values()} == {names.FINISHED}
     for t, steps in steps_before.items():
