@@ -77,11 +77,13 @@ class _Study:
         self.spec, self.cell, self.seed, self.storage = spec, cell, seed, storage
         base = cell.trial(_first(spec.train.lr), _first(spec.train.batch_size), seed)
         self.name = f"{spec.name}/N{base.params.active}-D{base.D:.3g}-s{seed}"
-        # Each study's sampler gets its own seed (from its name): with one seed for all, every scale would
-        # try the same first points, and a search at two scales would be one search done twice.
-        sampler_seed = int(hashlib.sha256(self.name.encode()).hexdigest()[:8], 16)
         self.study = optuna.create_study(study_name=self.name, storage=storage, direction="minimize", load_if_exists=True,
-                                         sampler=_sampler(spec.search, sampler_seed), pruner=_pruner(spec.search))
+                                         pruner=_pruner(spec.search))
+        # The sampler's seed comes from the study's name and how many trials it already has: with one seed for
+        # all, every scale would try the same first points, and a continued study would propose its first
+        # points again (the same trials, found done, teaching it nothing).
+        history = f"{self.name}/{len(self.study.get_trials(deepcopy=False))}"
+        self.study.sampler = _sampler(spec.search, int(hashlib.sha256(history.encode()).hexdigest()[:8], 16))
         self.in_flight: dict[str, int] = {}  # harness trial id -> Optuna trial number
         self._requeue_interrupted()
 

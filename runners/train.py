@@ -47,10 +47,21 @@ from runners.trial_result import BranchResult, TrialResult
 from sweeps.trial import Runtime, TrialConfig
 
 RESULT = "result.json"
+FLUSH_S = 30.0  # how long a checkpoint waits for the tracking store before going on without it
 
 
 class Sink(Protocol):
     def log(self, metrics: Mapping[str, float], tokens: int) -> None: ...
+
+    def flush(self, timeout_s: float) -> bool: ...  # True when everything logged so far is stored
+
+
+def make_durable(sinks: list[Sink]) -> None:
+    """Before a checkpoint or result says how far a trial got, its points up to there reach the store: a trial
+    killed afterwards resumes from that checkpoint (or result) and never logs them again. With the store
+    unreachable for FLUSH_S, training goes on and those points wait in the sink."""
+    for sink in sinks:
+        sink.flush(FLUSH_S)
 
 
 class Diverged(Exception):
@@ -72,6 +83,7 @@ def run_trial(trial: TrialConfig, runtime: Runtime, workdir: Path, sink: Sink, *
     if done.exists():
         return _result_from_json(done.read_text())
     result = _Trainer(trial, runtime, workdir, sink, data, branch_sinks, on_eval).run()
+    make_durable([sink, *map(branch_sinks, trial.train.schedule.branches)])
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(dataclasses.asdict(result)))
     os.replace(tmp, done)
@@ -278,6 +290,7 @@ class _Trainer:
     def _save(self) -> None:
         started = time.perf_counter()
         self._sync()
+        make_durable([self.sink, *map(self.branch_sinks, self.trial.train.schedule.branches)])
         checkpoint.save(self._state(), self.workdir / checkpoint.LATEST)
         self.last_checkpoint = time.monotonic()
         self.clock += time.perf_counter() - started

@@ -42,6 +42,9 @@ class MemorySink:
         for key, value in metrics.items():
             self.points[key][tokens] = value
 
+    def flush(self, timeout_s: float) -> bool:
+        return True  # in memory: stored as soon as logged
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
