@@ -130,6 +130,12 @@ class ExportSummary:
             for k, v in values.items():
                 ci = cis.get(k)
                 table.add_row(name, k, f"{v:.4g}", f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "-")
+        for name, section in (self.doc.get("hparams") or {}).items():
+            if isinstance(section, dict) and "form" in section:  # the fitted hparams laws, e.g. lr = k * C**a
+                for k, v in section.items():
+                    if isinstance(v, float):
+                        ci = (section.get("ci") or {}).get(k)
+                        table.add_row(f"{name} ({section['form']})", k, f"{v:.4g}", f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "-")
         console.print(table)
         law = lawfile.Law(self.doc)
         if any(n in self.doc["laws"] for n in ("chinchilla", "moe", "isoflop", "envelope")):
