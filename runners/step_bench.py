@@ -52,6 +52,14 @@ def _moe(d: int, layers: int, seq: int, vocab: int, micro: int) -> Shape:
     return Shape(cfg, micro)
 
 
+def dense_twin(cfg: ModelConfig) -> ModelConfig:
+    """The dense model with an MoE's active parameters (less its router): one FFN as wide as the experts a
+    token uses (top_k * G routed of width d_ff / G, plus the shared ones). Assumes MoE in every layer."""
+    m = cfg.moe
+    width = cfg.d_ff // m.granularity * (m.top_k * m.granularity + m.n_shared)
+    return cfg.model_copy(update={"family": "dense", "moe": None, "d_ff": width})
+
+
 # The issue's three dense shapes (d_ff = 4 d gives its ~110M / ~34M / ~7M non-embedding parameters),
 # and an E=8 top-2 MoE on the middle one.
 GPU_SHAPES = {
@@ -132,6 +140,13 @@ def main(argv: list[str] | None = None) -> None:
                     benchlog.append(name, metric, round(value, 4), UNITS[metric], config, args.log)
                 print(name, f"d{m.d_model} L{m.n_layers} seq{m.seq_len} batch{shape.micro_seqs}",
                       "compiled" if compiled else "eager", {k: round(v, 4) for k, v in figures.items()}, flush=True)
+                if m.moe is not None:  # the issue's figure: MoE tokens/s over its dense twin's (same active N)
+                    twin = time_step(Shape(dense_twin(m), shape.micro_seqs), device, compiled, steps,
+                                     2 if args.quick else 5, args.compile_mode)
+                    ratio = figures["tokens_per_s"] / twin["tokens_per_s"]
+                    benchlog.append(name, "throughput_vs_dense", round(ratio, 4), "x",
+                                    config | {"dense_d_ff": dense_twin(m).d_ff, "dense_tokens_per_s": round(twin["tokens_per_s"])}, args.log)
+                    print(name, "throughput_vs_dense", round(ratio, 3), flush=True)
 
 
 if __name__ == "__main__":
