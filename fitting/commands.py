@@ -116,6 +116,11 @@ def cmd_predict(args) -> int:
     if args.loss is not None:
         compute = law.compute_for_loss(args.loss, args.E)
         print(f"compute to reach loss {args.loss:g}: C = {compute:.4g} FLOPs")
+    if not law.has_loss and law.hparams is not None and not law.laws:
+        # a file of hparams laws alone: lr and batch size at C (the laws against C; those in N and D need --N --D)
+        print(f"C = {compute:.4g} FLOPs:")
+        _print_hparams(law, float("nan"), float("nan"), compute)
+        return 0
     opt = law.optimal(compute, args.E)
     print(f"C = {compute:.4g} FLOPs (E = {args.E:g}):")
     for key, label in (("N_opt", "N_opt"), ("D_opt", "D_opt"), ("loss", "loss (nats/token)"),

@@ -114,3 +114,10 @@ def test_hparams_law_from_fit_to_predict(tmp_path, capsys):
     assert main(["predict", "--law", str(out), "--N", "1e8", "--D", "2e9"]) == 0
     eta = float(capsys.readouterr().out.split("eta_opt")[1].split()[0])
     assert eta == pytest.approx(0.5 * (6 * 1e8 * 2e9) ** -0.2, rel=1e-3)
+
+
+def test_predict_from_a_file_of_hparams_laws_alone_gives_lr_at_the_compute(tmp_path, capsys):
+    law = tmp_path / "law.json"
+    law.write_text(json.dumps({"schema_version": 1, "laws": {}, "hparams": {"lr_vs_C": {"k": 0.3118, "a": -0.125}}}))
+    assert main(["predict", "--law", str(law), "--compute", "1e20"]) == 0
+    assert f"{0.3118 * 1e20 ** -0.125:.4g}" in capsys.readouterr().out
