@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 
-
 def _user_errors() -> tuple[type[Exception], ...]:
     """The exception classes whose message is meant for the user (one line each)."""
     from fitting.errors import FitInputError
@@ -127,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the trials (which stop themselves): planning, collecting or fitting
+        print("interrupted: finished trials are kept in MLflow; run the same command to go on", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

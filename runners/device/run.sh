@@ -7,8 +7,8 @@
 #   run.sh multigpu:SPEC              SPEC on one GPU, then on all: wall time, speedup, per-GPU busy fraction
 #   run.sh packing:SPEC               SPEC on one GPU, a trial at a time, then packed at its share
 #   run.sh sweep:SPEC                 scaling run SPEC (Ray + MLflow, all GPUs)
-# DEADLINE (seconds from the start, default 540) stops a sweep with Ctrl-C in time to copy what it made:
-# its finished trials stay finished in the MLflow store, and the next call resumes the rest.
+# DEADLINE (seconds from the start, default 540) stops a sweep's training with Ctrl-C; its finished trials
+# stay finished in the MLflow store, are exported, and the next call resumes the rest.
 # Carry [".gpu", ".data"]: .gpu/site.tar.xz from runners/device/build-bundle.sh; .data holds the corpus
 # slice and, between calls, the MLflow store (.data/mlflow.db) so a later call skips finished trials.
 set -uo pipefail
@@ -29,7 +29,9 @@ for stage in "$@"; do
   case $stage in
     bench) python -m models.bench moe_layer && python -m runners.step_bench dense_step moe_step ;;
     multigpu:*|packing:*) python -m runners.device.sweepbench "${stage%%:*}" "${stage#*:}" --util $work/gpu_util.csv ;;
-    sweep:*) timeout --signal=INT $((DEADLINE - (SECONDS - start))) python -m runners.cli run "${stage#sweep:}" ;;
+    # training under the deadline, then the export (whatever finished) outside it
+    sweep:*) timeout --signal=INT $((DEADLINE - (SECONDS - start))) python -m runners.cli run "${stage#sweep:}" --no-fit
+             python -m runners.cli export "${stage#sweep:}" ;;
     *) echo "unknown stage $stage"; false ;;
   esac 2>&1 | tee -a "$OUT/log.txt" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
