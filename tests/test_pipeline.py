@@ -9,9 +9,12 @@ import sys
 import pandas as pd
 import pytest
 
+from mlflow import MlflowClient
+
 from runners import names
 from runners.cli import main
 from runners.tracking import SweepRuns
+from tests.conftest import free_port, stop, wait_until_up
 from tests.helpers import metric_steps, tiny_spec
 
 PLAN_COLUMNS = {"trial_id", "family", "N_total", "N_nonembed", "N_active", "D", "flops_6N", "flops_exact"}
@@ -69,6 +72,8 @@ def test_run_twice_trains_once_and_exports_the_same_law(tmp_path, sqlite_uri, lo
     artifacts = {f.path for f in runs.client.list_artifacts(runs.parent_id, names.ARTIFACT_DIR)}
     assert f"{names.ARTIFACT_DIR}/law.json" in artifacts
 
+    ui_lists_the_sweep(sqlite_uri, runs.parent_id, n_runs=1 + 6 + 12)
+
     steps_before = {t: metric_steps(runs, r.info.run_id, names.TRAIN_LOSS) for t, r in trials.items()}
     assert main(["run", str(spec)]) == 0
     trials_after = SweepRuns("e2e", sqlite_uri).runs(names.ROLE_TRIAL)
@@ -97,3 +102,20 @@ def test_lr_and_batch_auto_take_the_law_at_each_trials_scale(tmp_path):
         C = row.flops_6N  # fit.flops 6N: C = 6 N_active D, D before rounding to whole batches
         assert row.lr == pytest.approx(0.3118 * C**-0.125, rel=0.02)
         assert row.batch_size % 32 == 0 and row.batch_size == pytest.approx(0.292 * C**0.3271, rel=0.5)
+
+
+def ui_lists_the_sweep(uri: str, parent_id: str, n_runs: int) -> None:
+    """`scaling ui` serves the store on loopback: the sweep's experiment, every run, the results artifacts."""
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "runners.cli", "ui", "--uri", uri, "--port", str(port)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url)
+        client = MlflowClient(url)
+        (experiment,) = [e for e in client.search_experiments() if e.name == "e2e"]
+        assert len(client.search_runs([experiment.experiment_id], max_results=1000)) == n_runs
+        files = {f.path for f in client.list_artifacts(parent_id, names.ARTIFACT_DIR)}
+        assert {f"{names.ARTIFACT_DIR}/{f}" for f in ("law.json", "points.csv", "loss_vs_C.png")} <= files
+    finally:
+        stop(ui)
