@@ -4,8 +4,8 @@
     python -m fitting.prediction score --prediction results/S/prediction.json --points results/H/points.csv
 
 `register` records N_opt, D_opt and the loss at the optimum with their bootstrap intervals. `score`
-reads the held-out budget's final points, takes the minimum of a parabola in log N through them (the
-IsoFLOP minimum, as approach 2 does) and the best size actually trained, and adds actual_loss, rel_error
+reads the held-out budget's final points, takes their IsoFLOP minimum (the robust quadratic in log N of
+approach 2) and the best size actually trained, and adds actual_loss, rel_error
 and whether each interval covered what was found.
 """
 
@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from fitting.errors import FitInputError
+from fitting.isoflop import profile_rows, quadratic_minimum
 from fitting.lawfile import load_law
 from fitting.table import check
 
@@ -31,29 +32,24 @@ def register(law_path: Path, compute: float, E: int = 1) -> dict:
 
 
 def score(prediction: dict, points: pd.DataFrame) -> dict:
-    table = check(points)
-    if "final" in table:
-        table = table[table.final.astype(bool)]
+    table, _ = profile_rows(check(points))  # the main runs' final points (branches end before the budget)
     if "E" in table:
         table = table[table.E == prediction["E"]]
-    if "budget" in table:  # the main runs of the held-out budget (branches end at smaller D)
+    if "budget" in table:
         table = table[np.isclose(table.budget.astype(float), prediction["compute"], rtol=0.01)]
-    table = table.sort_values("N")
-    if len(table) < 3:
-        raise FitInputError(f"scoring needs the final points of at least 3 sizes at the held-out budget; found {len(table)}")
-    log_n = np.log(table.N.to_numpy(float))
-    curve = np.polyfit(log_n, table.loss.to_numpy(float), 2)
+    if table.N.nunique() < 3:
+        raise FitInputError(f"scoring needs the final points of at least 3 sizes at the held-out budget; found {table.N.nunique()}")
+    profile = quadratic_minimum(np.log(table.N.to_numpy(float)), table.loss.to_numpy(float))
     best = table.loc[table.loss.idxmin()]
-    vertex = -curve[1] / (2 * curve[0])
-    inside = curve[0] > 0 and log_n.min() <= vertex <= log_n.max()
-    actual = float(np.polyval(curve, vertex)) if inside else float(best.loss)
+    inside = profile["flag"] is None
+    actual = profile["loss_opt"] if inside else float(best.loss)
     predicted = prediction["predicted"]
     loss_ci, n_ci = predicted.get("loss_ci"), predicted.get("N_opt_ci")
     return prediction | {
         "actual_loss": actual,
-        "actual_loss_method": "parabola minimum in log N" if inside else "best size trained (parabola minimum outside the sizes)",
+        "actual_loss_method": "IsoFLOP minimum (quadratic in log N)" if inside else f"best size trained ({profile['flag']})",
         "best_trained": {"N": float(best.N), "D": float(best.D), "loss": float(best.loss)},
-        "actual_N_opt": float(np.exp(vertex)) if inside else float(best.N),
+        "actual_N_opt": profile["N_opt"] if inside else float(best.N),
         "rel_error": (predicted["loss"] - actual) / actual,
         "loss_interval_covers": bool(loss_ci and loss_ci[0] <= actual <= loss_ci[1]),
         "N_opt_interval_covers_best_size": bool(n_ci and n_ci[0] <= float(best.N) <= n_ci[1]),

@@ -35,10 +35,10 @@ def _hparams_at(spec: SweepSpec) -> HparamsAt | None:
     from fitting import hparams_at, load_law
 
     law = load_law(spec.hparams_law)
-    n_of = {"active": "active", "nonembed": "nonembed", "total": "total"}[spec.fit.params]
     c_of = {"6N": "train_6N", "exact": "train_exact"}[spec.fit.flops]
     # N and C under the conventions this spec's fits use (its hparams law should have been fitted the same way).
-    return lambda params, d, per_token: hparams_at(law, N=getattr(params, n_of), D=d, C=getattr(per_token, c_of) * d)
+    return lambda params, d, per_token: hparams_at(law, N=getattr(params, spec.fit.params), D=d,
+                                                   C=getattr(per_token, c_of) * d)
 
 
 def plan(spec: SweepSpec) -> list[PlannedTrial]:

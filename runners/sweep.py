@@ -51,19 +51,16 @@ def branch_id(trial_id: str, end: int) -> str:
     return f"{trial_id}-b{end}"
 
 
-def register(runs: SweepRuns, planned: list[PlannedTrial]) -> dict[str, tuple[str, dict[int, str]]]:
-    """Create (or find) each trial's run and its branches' runs: trial id -> (run id, {branch end: run id})."""
-    out = {}
-    for p in planned:
-        params = trial_params(p)
-        run_id = runs.trial_run(p.trial_id, params)
-        branches = {
-            end: runs.trial_run(branch_id(p.trial_id, end), params | {names.PARAM_D: str(end)}, role=names.ROLE_BRANCH,
-                                tags={names.TAG_PARENT_TRIAL: p.trial_id}, run_name=f"{p.trial_id} branch D={end}")
-            for end in p.trial.train.schedule.branches
-        }
-        out[p.trial_id] = (run_id, branches)
-    return out
+def register(runs: SweepRuns, p: PlannedTrial) -> tuple[str, dict[int, str]]:
+    """Create (or find) the trial's run and its branches' runs: (run id, {branch end: run id})."""
+    params = trial_params(p)
+    run_id = runs.trial_run(p.trial_id, params)
+    branches = {
+        end: runs.trial_run(branch_id(p.trial_id, end), params | {names.PARAM_D: str(end)}, role=names.ROLE_BRANCH,
+                            tags={names.TAG_PARENT_TRIAL: p.trial_id}, run_name=f"{p.trial_id} branch D={end}")
+        for end in p.trial.train.schedule.branches
+    }
+    return run_id, branches
 
 
 def connect(address: str | None) -> bool:
@@ -122,7 +119,7 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
                     progress.finished(p.trial_id, status, skipped=True)
                     source.done(p, status, run.data.metrics.get(names.VAL_LOSS))
                     continue
-                ids[p.trial_id] = register(runs, [p])[p.trial_id]
+                ids[p.trial_id] = register(runs, p)
                 run_id, branches = ids[p.trial_id]
                 job = TrialJob(
                     trial_json=p.trial.model_dump_json(), runtime_json=spec.runtime.model_dump_json(), run_id=run_id,
@@ -147,7 +144,7 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
                     try:
                         result = ray.get(ref)
                         status, loss = result["status"], result["final_val_loss"]
-                    except (ray.exceptions.RayError, Exception) as e:  # retries are spent: record and go on
+                    except Exception as e:  # retries are spent (a RayError, or what the trial raised): record and go on
                         status = names.FAILED
                         outcome.errors[p.trial_id] = _one_line(e)
                         set_status(runs.client, ids[p.trial_id][0], names.FAILED, **{names.TAG_ERROR: outcome.errors[p.trial_id]})

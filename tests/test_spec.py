@@ -63,3 +63,14 @@ def test_not_yaml_and_missing_file(tmp_path):
         load_spec(bad)
     with pytest.raises(SpecError, match="spec file not found"):
         load_spec(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("search, train, message", [
+    ({"trials": 4}, {}, "search needs a range for lr, batch_size or both"),
+    ({"trials": 4, "lr": [1e-2, 1e-3]}, {}, "search.lr must be [low, high] with 0 < low < high"),
+    ({"trials": 4, "lr": [1e-3, 1e-2]}, {"lr": [1e-3, 3e-3]}, "train.lr is an axis and search.lr searches it too"),
+])
+def test_bad_search_is_one_line(tmp_path, search, train, message):
+    with pytest.raises(SpecError) as e:
+        load_spec(write(tmp_path, base() | {"search": search, "train": train}))
+    assert message in str(e.value) and "\n" not in str(e.value)
