@@ -29,11 +29,12 @@ class Pruning:
 
 
 class GridSource:
-    """A fixed list of trials, all offered at once."""
+    """A fixed list of trials, all offered at once, largest compute first: Ray starts tasks of one shape in the
+    order they were submitted, and starting the longest first keeps the GPUs busy to the end of the sweep."""
 
     def __init__(self, planned: list[PlannedTrial]):
         self.total = len(planned)
-        self._todo = list(planned)
+        self._todo = sorted(planned, key=lambda p: p.compute_exact, reverse=True)
 
     def take(self) -> list[tuple[PlannedTrial, Pruning | None]]:
         out, self._todo = self._todo, []

@@ -8,7 +8,8 @@ import pytest
 
 from runners import names
 from runners.cli import main
-from runners.search import storage_url
+from runners.pipeline import plan
+from runners.search import GridSource, storage_url
 from sweeps.spec import load_spec
 from tests.helpers import tiny_spec, trial_runs
 
@@ -49,3 +50,10 @@ def test_search_runs_on_ray_and_a_rerun_continues_the_study(tmp_path, sqlite_uri
     more = search_spec(tmp_path, trials=6)  # a bigger budget continues the same study
     assert main(["run", str(more)]) == 0
     assert len(studies(more)[0].get_trials()) == 6 and len(trial_runs("search", sqlite_uri)) == 6
+
+
+def test_a_grid_offers_its_largest_trials_first(tmp_path):
+    """Longest first keeps every GPU busy to the end of a sweep (Ray starts same-shaped tasks in submission order)."""
+    spec = load_spec(tiny_spec(tmp_path, grid={"sizes": [2000, 8000, 4000], "tokens": [20_000, 60_000]}))
+    offered = [p.compute_exact for p, _ in GridSource(plan(spec)).take()]
+    assert len(set(offered)) > 2 and offered == sorted(offered, reverse=True)
