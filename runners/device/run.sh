@@ -4,6 +4,7 @@
 # 16 MiB each): log.txt, and run.tar.xz holding results/ (laws, points, plots, benchmark log), the MLflow
 # store and the GPU utilisation samples, packed again after every stage so a cut-off call still returns them.
 #   run.sh bench                      models.bench moe_layer, runners.step_bench dense_step moe_step
+#   run.sh bench:NAME                 runners.step_bench NAME only (dense_step or moe_step)
 #   run.sh multigpu:SPEC              SPEC on one GPU, then on all: wall time, speedup, per-GPU busy fraction
 #   run.sh packing:SPEC               SPEC on one GPU, a trial at a time, then packed at its share
 #   run.sh sweep:SPEC                 scaling run SPEC (Ray + MLflow, all GPUs)
@@ -28,6 +29,7 @@ for stage in "$@"; do
   echo "=== $stage $(date -u +%T)"
   case $stage in
     bench) python -m models.bench moe_layer && python -m runners.step_bench dense_step moe_step ;;
+    bench:*) python -m runners.step_bench "${stage#bench:}" ;;
     multigpu:*|packing:*) python -m runners.device.sweepbench "${stage%%:*}" "${stage#*:}" --util $work/gpu_util.csv ;;
     # training under the deadline, then the export (whatever finished) outside it
     sweep:*) timeout --signal=INT $((DEADLINE - (SECONDS - start))) python -m runners.cli run "${stage#sweep:}" --no-fit
