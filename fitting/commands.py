@@ -14,7 +14,7 @@ def add_fit_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("fit", help="fit a scaling law to a points table (CSV or parquet with N, D, loss)")
     p.add_argument("--points", type=Path, required=True, help="points table, .csv or .parquet (columns N, D, loss, ...)")
     p.add_argument("--law", choices=LAWS + ("all",), default="chinchilla")
-    p.add_argument("--out", type=Path, default=Path("law.json"))
+    p.add_argument("--out", type=Path, default=Path("law.json"), help="law file, or a folder to write law.json in")
     p.add_argument("--params", choices=["active", "nonembed", "total"], default=None,
                    help="which N (needs the N_active / N_nonembed / N_total column); default: the table's N")
     p.add_argument("--flops", choices=["6N", "exact"], default=None,
@@ -71,7 +71,7 @@ def cmd_fit(args) -> int:
         doc = lawfile.document({args.law: fit_law(points, args.law, **options)}, conventions=conv, meta=meta)
     from fitting.export import write_law_files
 
-    _print_fit(doc, write_law_files(doc, args.out))
+    _print_fit(doc, write_law_files(doc, args.out / "law.json" if args.out.is_dir() else args.out))
     return 0
 
 

@@ -59,6 +59,18 @@ def _identifiable(points: pd.DataFrame) -> None:
                             f"points; this sweep has {n} and {d} (a search or a single budget is not a scaling sweep)")
 
 
+def _physical(law: str, params: dict) -> None:
+    """A surface whose loss does not fall with N and with D, or whose coefficients ran off to infinity, is the
+    optimiser's answer to points that do not separate N from D (or to mistuned trials), not a scaling law:
+    report it, do not use it."""
+    bad = [f"{k} = {v:.3g}" for k, v in params.items() if not np.isfinite(v)]
+    bad += [f"{k} = {params[k]:.3g}" for k in ("alpha", "beta") if np.isfinite(params[k]) and not 0 < params[k] <= 2]
+    if bad:
+        raise FitInputError(f"the {law} fit is not a scaling law ({', '.join(bad)}; its exponents must lie in (0, 2]): "
+                            f"in these points loss does not fall with both N and D; check the largest models' "
+                            f"hyperparameters, or add sizes and token counts")
+
+
 def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: str = "points",
             delta: float = 1e-3) -> Fitted:
     """chinchilla (dense rows), moe (when E varies), envelope (curves with C), isoflop (budgets), hparams
@@ -71,7 +83,9 @@ def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: st
 
     def surface(law: str, rows: pd.DataFrame):
         _identifiable(rows)
-        return fit_parametric(rows, law, delta=delta, **options)
+        section = fit_parametric(rows, law, delta=delta, **options)
+        _physical(law, section["params"])
+        return section
 
     _try(fitted, "chinchilla", lambda: surface("chinchilla", dense))
     if _varies(points, "E"):
@@ -209,9 +223,9 @@ def export_laws(points: pd.DataFrame, out_dir: Path, *, meta: dict, bootstrap: i
     doc = lawfile.document(fitted.sections, conventions=conventions, meta=meta, hparams=fitted.hparams,
                            failed=fitted.failed)
     paths = write_law_files(doc, out_dir / "law.json")
-    paths += plots.plot_all(doc, points, out_dir)
+    drawn, plots_failed = plots.plot_all(doc, points, out_dir)
     _, left_out = parametric_rows(points)
-    return ExportSummary(doc=doc, paths=paths, failed=fitted.failed, left_out=left_out)
+    return ExportSummary(doc=doc, paths=paths + drawn, failed=fitted.failed | plots_failed, left_out=left_out)
 
 
 def _choice(value, allowed: tuple[str, ...]) -> str | None:

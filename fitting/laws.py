@@ -56,6 +56,7 @@ def optimal_allocation(C, *, E, A, B, alpha, beta, flops_per_param_token: float 
     a = beta/(alpha+beta), b = alpha/(alpha+beta).
     """
     C = np.asarray(C, float)
+    alpha, beta = np.asarray(alpha, float), np.asarray(beta, float)  # numpy powers: NaN, not complex, for a negative base
     a, b = beta / (alpha + beta), alpha / (alpha + beta)
     G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
     per = C / flops_per_param_token

@@ -156,5 +156,15 @@ PLOTS = {"loss_vs_C.png": loss_vs_compute, "isoflop.png": isoflop_profiles, "fit
          "dense_vs_moe.png": dense_against_moe}
 
 
-def plot_all(doc: dict, points: pd.DataFrame, out_dir: Path) -> list[Path]:
-    return [p for name, draw in PLOTS.items() if (p := draw(doc, points, Path(out_dir) / name)) is not None]
+def plot_all(doc: dict, points: pd.DataFrame, out_dir: Path) -> tuple[list[Path], dict[str, str]]:
+    """Every plot the law file supports, and the reason each one that could not be drawn failed: a figure
+    never costs the law files, already written."""
+    paths, failed = [], {}
+    for name, draw in PLOTS.items():
+        try:
+            if (path := draw(doc, points, Path(out_dir) / name)) is not None:
+                paths.append(path)
+        except Exception as e:  # matplotlib's reasons are many (non-finite data, empty axes); report, go on
+            plt.close("all")
+            failed[f"plot {name}"] = f"{type(e).__name__}: {e}"
+    return paths, failed

@@ -24,12 +24,16 @@ def device() -> str:
 
 
 def commit() -> str:
+    """SCALING_COMMIT when set (a device call names the commit its tree came from: the copy there may carry a
+    stale .git), else this checkout's HEAD, marked +dirty with uncommitted changes."""
+    if named := os.environ.get("SCALING_COMMIT"):
+        return named
     root = LOG.parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("SCALING_COMMIT", "unknown")  # the GPU machine gets a tree without .git
+        return "unknown"
     return head + ("+dirty" if dirty.strip() else "")
 
 

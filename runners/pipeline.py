@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import ray
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -115,11 +116,14 @@ def print_plan(spec: SweepSpec, table: pd.DataFrame) -> None:
 
 
 def export(spec: SweepSpec, runs: SweepRuns) -> Path:
-    """Points from MLflow -> results/<sweep>/ (points.csv, law.json, plots), also logged on the sweep's run."""
+    """Points from MLflow -> results/<sweep>/ (spec.yaml, points.csv, law.json, plots), also logged on the
+    sweep's run. spec.yaml is the spec as validated, every default written out, so the folder alone says what
+    produced it."""
     from fitting.export import export_laws
 
     out = spec.results_dir / spec.name
     out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     points = collect_points(runs, spec.fit)
     points.to_csv(out / "points.csv", index=False)
     meta = {"sweep": spec.name, "data_content_hash": content_hash(spec.data),

@@ -121,3 +121,8 @@ def test_predict_from_a_file_of_hparams_laws_alone_gives_lr_at_the_compute(tmp_p
     law.write_text(json.dumps({"schema_version": 1, "laws": {}, "hparams": {"lr_vs_C": {"k": 0.3118, "a": -0.125}}}))
     assert main(["predict", "--law", str(law), "--compute", "1e20"]) == 0
     assert f"{0.3118 * 1e20 ** -0.125:.4g}" in capsys.readouterr().out
+
+
+def test_fit_into_a_folder_writes_its_law_json(points_csv, tmp_path):
+    assert main(["fit", "--points", str(points_csv), "--law", "power", "--x", "N", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "law.json").read_text())["law"] == "power"

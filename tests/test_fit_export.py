@@ -11,7 +11,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from fitting import laws, load_law
+from fitting import laws, load_law, plots
 from fitting.export import export_laws
 
 HOFFMANN = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
@@ -122,3 +122,31 @@ def test_a_search_at_two_sizes_is_not_fitted_as_a_loss_law(tmp_path):
     two_sizes = points[points.N.isin(sorted(points.N.unique())[:2])]
     summary = export_laws(two_sizes, tmp_path, meta={}, bootstrap=0)
     assert "chinchilla" in summary.failed and "at least 3 model sizes" in summary.failed["chinchilla"]
+
+
+def test_a_surface_where_bigger_models_do_worse_is_reported_not_used(tmp_path):
+    """Loss that rises with N at fixed D (as when the largest budget's models were over-stepped) fits a negative
+    alpha: the export must refuse it as a law, and still write the files and plots of what it could fit."""
+    points = sweep_points()
+    points["loss"] = HOFFMANN["E"] + 0.01 * points.N ** 0.1 + HOFFMANN["B"] / points.D ** HOFFMANN["beta"]
+    summary = export_laws(points, tmp_path, meta={}, bootstrap=0)
+    assert "not a scaling law" in summary.failed["chinchilla"] and "alpha = -" in summary.failed["chinchilla"]
+    assert "chinchilla" not in summary.doc["laws"] and "envelope" in summary.doc["laws"]
+    assert (tmp_path / "loss_vs_C.png").stat().st_size > 0
+
+
+def test_the_closed_form_allocation_is_nan_not_complex_for_a_negative_exponent():
+    out = laws.optimal_allocation(1e20, E=3.4, A=5e-21, B=558.0, alpha=-3.05, beta=0.43)
+    assert all(np.isnan(out[k]) for k in ("N_opt", "D_opt", "loss"))
+
+
+def test_a_plot_that_cannot_be_drawn_is_reported_and_the_law_files_stay(tmp_path):
+    points = sweep_points()
+    summary = export_laws(points, tmp_path, meta={}, bootstrap=0)
+    doc = summary.doc
+    doc["laws"]["chinchilla"]["params"]["A"] = float("inf")  # a law file from elsewhere, with a coefficient run off
+
+    (tmp_path / "again").mkdir()
+    paths, failed = plots.plot_all(doc, points, tmp_path / "again")
+    assert "plot fit_residuals.png" in failed and (tmp_path / "law.json").exists()
+    assert any(p.name == "isoflop.png" for p in paths)

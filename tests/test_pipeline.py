@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from runners import names
 from runners.cli import main
 from runners.tracking import SweepRuns
+from sweeps.spec import load_spec
 from tests.conftest import free_port, stop, wait_until_up
 from tests.helpers import metric_steps, tiny_spec
 
@@ -69,6 +70,7 @@ def test_run_twice_trains_once_and_exports_the_same_law(tmp_path, sqlite_uri, lo
     assert points.final.sum() == 18 and set(points.trial_id) == set(trials) | set(branches)
     assert {"A", "B", "E", "alpha", "beta"} <= set(law["params"])
     assert list(results.glob("*.png"))
+    assert load_spec(results / "spec.yaml") == load_spec(spec)  # the folder says what produced it
 
     ui_lists_the_sweep(sqlite_uri, runs.parent_id, n_runs=1 + 6 + 12)
 
