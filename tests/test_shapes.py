@@ -1,4 +1,4 @@
-"""The kaplan-aspect shape rule: admissible shapes, closest N, and its errors."""
+"""The kaplan-aspect shape rules: admissible shapes, closest N, the 4-layer floor, and their errors."""
 
 from __future__ import annotations
 
@@ -63,9 +63,18 @@ def test_tied_embeddings_pass_through_and_do_not_change_n():
     assert count_params(shape(1e6, tie_embeddings=True)).nonembed == count_params(shape(1e6)).nonembed
 
 
+@pytest.mark.parametrize("target", [1e4, 1e5, 3e5, 1e6, 3e6, 1e8])
+def test_the_min4_rule_never_goes_below_four_layers_and_still_reaches_the_target(target):
+    cfg = shape_for_target(target, rule="kaplan-aspect-min4", vocab_size=256, seq_len=128)
+    assert cfg.n_layers >= 4 and abs(math.log(count_params(cfg).active / target)) < 0.25  # width steps of 32 at 4-6 layers
+    plain = shape(target)
+    if plain.n_layers >= 4:  # where the aspect band already gives 4 layers or more, the two rules agree
+        assert cfg == plain
+
+
 def test_errors_name_the_fix():
-    assert SHAPE_RULES == ("kaplan-aspect",)
-    with pytest.raises(KeyError, match="known rules: kaplan-aspect"):
+    assert SHAPE_RULES == ("kaplan-aspect", "kaplan-aspect-min4")
+    with pytest.raises(KeyError, match="known rules: kaplan-aspect, kaplan-aspect-min4"):
         shape_for_target(1e6, rule="nope", vocab_size=256, seq_len=128)
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="positive finite"):
