@@ -123,7 +123,7 @@ def export(spec: SweepSpec, runs: SweepRuns) -> Path:
 
     out = spec.results_dir / spec.name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, default_flow_style=None))
     points = collect_points(runs, spec.fit)
     points.to_csv(out / "points.csv", index=False)
     meta = {"sweep": spec.name, "data_content_hash": content_hash(spec.data),
