@@ -14,9 +14,9 @@ Rule "kaplan-aspect" (Kaplan et al. 2020 find loss flat for aspect ratios d_mode
   closest to 64. A target more than a factor 2 from every admissible shape is impossible.
 
 Rule "kaplan-aspect-min4": the same, but never fewer than 4 layers: below d_model 128, where the aspect
-band allows only 1 to 3, the depths are 4 to 6. Why: under about 1e6 parameters depth, not N, moves the loss: in results/gutenberg the
-2-layer models were about 2% worse than 4- and 5-layer ones of similar N, more than the fit's own error,
-and a sweep whose sizes switch depth as N grows bends its law. Use it for sweeps that start that small.
+band allows only 1 to 3, the depths are 4 to 6. Why: under about 1e6 parameters depth, not N, moves the
+loss (in results/gutenberg the 2-layer models were about 2% worse than 4- and 5-layer ones of similar N,
+more than the fit's own error), and a sweep whose sizes switch depth as N grows bends its law.
 """
 
 from __future__ import annotations

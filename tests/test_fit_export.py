@@ -145,7 +145,6 @@ def test_a_plot_that_cannot_be_drawn_is_reported_and_the_law_files_stay(tmp_path
     summary = export_laws(points, tmp_path, meta={}, bootstrap=0)
     doc = summary.doc
     doc["laws"]["chinchilla"]["params"]["A"] = float("inf")  # a law file from elsewhere, with a coefficient run off
-
     (tmp_path / "again").mkdir()
     paths, failed = plots.plot_all(doc, points, tmp_path / "again")
     assert "plot fit_residuals.png" in failed and (tmp_path / "law.json").exists()
