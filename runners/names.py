@@ -18,6 +18,7 @@ TAG_REPEATS_DATA = "scaling.repeats_data"  # "true" when a trial saw some traini
 TAG_WORKER = "scaling.worker"        # host:pid of the process training the trial (the latest attempt)
 TAG_NODE = "scaling.node"            # Ray node id of that process
 TAG_GPUS = "scaling.gpus"            # GPU ids Ray gave that process ("" on CPU)
+TAG_CUDA = "scaling.cuda_device"     # the GPU torch trains on, as Ray names it (GPU workers only)
 
 ROLE_SWEEP, ROLE_TRIAL, ROLE_BRANCH = "sweep", "trial", "branch"
 

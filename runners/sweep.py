@@ -10,6 +10,7 @@ cancellation.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from runners.progress import Board, SweepProgress
 from runners.resources import ray_options
 from runners.search import GridSource, Pruning, SearchSource, pruning_callback
 from runners.tracking import SweepRuns, flatten, set_status
-from runners.worker import TrialJob, run_job
+from runners.worker import NOSET_CUDA, TrialJob, run_job
 from sweeps.expand import PlannedTrial
 from sweeps.spec import SweepSpec
 
@@ -70,13 +71,22 @@ def connect(address: str | None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
         return False
-    import os
-
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
         return False
+    os.environ.setdefault(NOSET_CUDA, "1")  # inherited by the Ray we start: workers may be kept across trials
     ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     return True
+
+
+def reuses_workers(cluster_has_gpus: bool) -> bool:
+    """Whether a worker may run trial after trial (no new process, imports or CUDA context each time).
+
+    Safe on CPU. On GPUs only where Ray leaves CUDA_VISIBLE_DEVICES alone (NOSET_CUDA, set for the local Ray
+    and to be set on every node of a cluster and in the driver): a worker kept for the next trial may be
+    given another GPU, which it can switch to only if it sees them all (runners.worker.select_gpu).
+    Elsewhere each GPU trial gets a fresh worker, as Ray does by default."""
+    return not cluster_has_gpus or os.environ.get(NOSET_CUDA) == "1"
 
 
 def gpu_memory_bytes(declared_gb: float | None) -> int | None:
@@ -102,7 +112,7 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
     existing = runs.runs(names.ROLE_TRIAL)
     gpu_mem = gpu_memory_bytes(spec.resources.gpu_memory_gb)
     board = Board.options(num_cpus=0).remote()
-    task = ray.remote(_run_on_ray)
+    task = ray.remote(max_calls=0 if reuses_workers(gpu_mem is not None) else 1)(_run_on_ray)
     refs: dict = {}
     ids: dict[str, tuple[str, dict[int, str]]] = {}
     progress = SweepProgress(total=source.total)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,41 @@ class TrialJob:
     cpus: float = 1.0
 
 
+# Set, Ray leaves CUDA_VISIBLE_DEVICES as the node had it, and each trial selects the GPU Ray gave it: a
+# worker kept for several trials (runners.sweep.reuses_workers) can then move between GPUs.
+NOSET_CUDA = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+def cuda_index(gpu_id: str | int, visible: str | None) -> int:
+    """torch's index of the GPU Ray assigned: its place in CUDA_VISIBLE_DEVICES when that is set, else the id."""
+    if not visible:
+        return int(gpu_id)
+    return [v.strip() for v in visible.split(",")].index(str(gpu_id))
+
+
+def select_gpu() -> None:
+    """Make the GPU Ray assigned this trial torch's current device (when workers see every GPU)."""
+    import ray
+    import torch
+
+    ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    if ids and os.environ.get(NOSET_CUDA) == "1" and torch.cuda.is_available():
+        torch.cuda.set_device(cuda_index(ids[0], os.environ.get("CUDA_VISIBLE_DEVICES")))
+
+
+def release_gpu() -> None:
+    """Hand back what the trial left behind, for the next trial in this worker: cached blocks, compiled code."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    if "torch._dynamo" in sys.modules:  # only a compiled trial imported it
+        torch._dynamo.reset()
+
+
 def _quiet_mlflow_retries() -> None:
     """Fail fast on an unreachable server: the sink keeps the points and retries on its own schedule."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -41,10 +77,17 @@ def where() -> dict[str, str]:
     """Which host, process, Ray node and GPUs this attempt runs on (tags, so the UI shows it)."""
     import ray
 
+    import torch
+
     ctx = ray.get_runtime_context() if ray.is_initialized() else None
     gpus = ",".join(map(str, ray.get_gpu_ids())) if ctx else ""
-    return {names.TAG_WORKER: f"{socket.gethostname()}:{os.getpid()}",
+    tags = {names.TAG_WORKER: f"{socket.gethostname()}:{os.getpid()}",
             names.TAG_NODE: ctx.get_node_id() if ctx else "", names.TAG_GPUS: gpus}
+    if torch.cuda.is_available():  # the GPU torch trains on, named as Ray names GPUs: equal to TAG_GPUS when placed right
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        index = torch.cuda.current_device()
+        tags[names.TAG_CUDA] = visible.split(",")[index].strip() if visible else str(index)
+    return tags
 
 
 def run_job(job: TrialJob, on_eval=None) -> dict:
@@ -55,6 +98,7 @@ def run_job(job: TrialJob, on_eval=None) -> dict:
     from runners.train import run_trial
 
     _quiet_mlflow_retries()
+    select_gpu()
     torch.set_num_threads(max(1, int(job.cpus)))
     trial = TrialConfig.model_validate_json(job.trial_json)
     runtime = Runtime.model_validate_json(job.runtime_json)
@@ -74,6 +118,7 @@ def run_job(job: TrialJob, on_eval=None) -> dict:
     finally:
         for s in [sink, *branch_sinks.values()]:
             s.close()
+        release_gpu()
 
     finished = {b.tokens for b in result.branches}
     for end, run_id in job.branch_run_ids.items():

@@ -14,6 +14,7 @@ import pytest
 from runners import names
 from runners.cli import main
 from runners.tracking import SweepRuns
+from runners.worker import NOSET_CUDA
 from tests.helpers import metric_steps, start_driver, tiny_spec, trial_runs, wait_for
 
 pytestmark = pytest.mark.slow
@@ -35,12 +36,14 @@ def running_with_checkpoint(sweep: str, uri: str, ckpt_root) -> object | None:
     return None
 
 
-def test_two_nodes_pack_by_share_and_spread(tmp_path, sqlite_uri):
-    """Two nodes with one (declared) GPU each, trials at half a GPU: at most two on a GPU at once, both nodes used."""
+def test_two_nodes_pack_by_share_and_spread(tmp_path, sqlite_uri, monkeypatch):
+    """Two nodes with one (declared) GPU each, trials at half a GPU: at most two on a GPU at once, both nodes used.
+    The cluster sets CUDA_VISIBLE_DEVICES per task (no NOSET_CUDA), so every GPU trial gets a fresh worker."""
     import ray
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # this test brings its own cluster
+    monkeypatch.delenv(NOSET_CUDA, raising=False)  # a local Ray started by an earlier test set it in this process
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 3, "num_gpus": 1})
     cluster.add_node(num_cpus=3, num_gpus=1)
     try:
@@ -51,6 +54,7 @@ def test_two_nodes_pack_by_share_and_spread(tmp_path, sqlite_uri):
         trials = runs.runs(names.ROLE_TRIAL)
         assert len(trials) == 8 and {r.data.tags[names.TAG_STATUS] for r in trials.values()} == {names.FINISHED}
         assert len({r.data.tags[names.TAG_NODE] for r in trials.values()}) == 2
+        assert len({r.data.tags[names.TAG_WORKER] for r in trials.values()}) == 8
         # When each trial held its GPU: first to last logged point. Never more than 1/share trials on one GPU.
         spans = defaultdict(list)
         for r in trials.values():
