@@ -284,6 +284,32 @@ def fit_hparams(points: pd.DataFrame, *, bootstrap: int = 200, seed: int = 0, fi
     return section
 
 
+def caveats(section: dict, C) -> list[str]:
+    """Why values `hparams_at` gives at these computes deserve doubt, a line each: a law whose slope's interval
+    includes 0 (the search did not resolve which way the knob moves with scale), and computes more than 2x
+    beyond the searched cells. A law fitted on two scales of a noisy search can say anything out there."""
+    section = section.get("hparams", section)
+    out = []
+    for knob, names in (("lr", ("lr_vs_ND", "lr_vs_C")), ("batch_size", ("batch_vs_ND", "batch_vs_C"))):
+        name = next((n for n in names if n in section), None)
+        if name is None:
+            continue
+        law = section[name]
+        for slope in LAWS[name].names[1:]:
+            lo, hi = law.get("ci", {}).get(slope, (None, None))
+            if lo is not None and lo <= 0 <= hi:
+                out.append(f"{knob}: {name} slope {slope} = {law[slope]:+.3g} with 95% interval [{lo:.3g}, {hi:.3g}], "
+                           f"which includes 0: the search does not resolve how {knob} moves with scale")
+    searched = [cell["C"] for cell in section.get("cells", [])]
+    C = np.asarray(C, float)
+    if searched and C.size:
+        beyond = max(C.max() / max(searched), min(searched) / C.min())
+        if beyond > 2:
+            out.append(f"used at C {C.min():.3g} to {C.max():.3g}, up to {beyond:.1f}x beyond the searched cells "
+                       f"(C {min(searched):.3g} to {max(searched):.3g})")
+    return out
+
+
 def hparams_at(section: dict, *, N: float, D: float, C: float) -> dict:
     """{"lr", "batch_size"} at a scale: from the law against (N, D) where fitted, else against C; None for a
     knob with no fitted law. Takes the hparams section or a whole law file that holds one."""

@@ -28,11 +28,13 @@ def cmd_plan(args) -> int:
     from runners import pipeline
 
     spec = _spec(args)
-    table = pipeline.plan_table(spec, pipeline.plan(spec))
+    planned = pipeline.plan(spec)
+    table = pipeline.plan_table(spec, planned)
     if args.format == "csv":
         pipeline.write_plan_csv(table, args.out)
     else:
         pipeline.print_plan(spec, table)
+    pipeline.print_caveats(spec, planned)
     return 0
 
 

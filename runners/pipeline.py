@@ -42,6 +42,18 @@ def _hparams_at(spec: SweepSpec) -> HparamsAt | None:
                                                    C=getattr(per_token, c_of) * d)
 
 
+def hparams_caveats(spec: SweepSpec, planned: list[PlannedTrial]) -> list[str]:
+    """What `lr: auto` / `batch_size: auto` rest on, where it is shaky (fitting.hparams.caveats)."""
+    if spec.hparams_law is None:
+        return []
+    from fitting import load_law
+    from fitting.hparams import caveats
+
+    law = load_law(spec.hparams_law)
+    C = [p.flops_6N if spec.fit.flops == "6N" else p.flops_exact for p in planned]
+    return caveats(law.hparams or {}, C)
+
+
 def plan(spec: SweepSpec) -> list[PlannedTrial]:
     """The grid's trials; for a search sweep, one trial per scale at the middle of the searched ranges."""
     if spec.search is None:
@@ -98,6 +110,11 @@ def plan_table(spec: SweepSpec, planned: list[PlannedTrial]) -> pd.DataFrame:
     return table
 
 
+def print_caveats(spec: SweepSpec, planned: list[PlannedTrial]) -> None:
+    for line in hparams_caveats(spec, planned):
+        console.print(f"[yellow]warning[/]: {spec.hparams_law}: {line}")
+
+
 def print_plan(spec: SweepSpec, table: pd.DataFrame) -> None:
     show = Table(title=f"sweep {spec.name}: {len(table)} trials")
     cols = ["trial_id", "family", "E", "N_active", "D", "budget", "d_model", "n_layers", "lr", "batch_size", "flops_6N", "est_seconds"]
@@ -138,6 +155,8 @@ def run(spec: SweepSpec, *, address: str | None, fit: bool = True, cache_dir: Pa
     """Plan, run what is not done yet, and export. Exit code: 0 when every trial ended in a done state."""
     trials = source(spec)
     console.print(f"sweep {spec.name}: {trials.total} trials planned")
+    if spec.search is None:
+        print_caveats(spec, plan(spec))
     runs = SweepRuns(spec.name)  # creates the store and experiment once, before any worker opens it
     prepare_data(spec.data, cache_dir)  # tokenize once here, so the trials find the cache and bad data fails early
     started = connect(address)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from fitting.errors import FitInputError
-from fitting.hparams import fit_hparams, hparams_at
+from fitting.hparams import caveats, fit_hparams, hparams_at
 from fitting.optimum import quadratic_optimum
 
 # DeepSeek LLM 2024, eq. (1): their fitted optimum learning rate and batch size (tokens) against compute.
@@ -209,3 +209,14 @@ def test_an_lr_sweep_at_two_scales_gives_lr_at_a_third_and_no_batch_size():
     at = hparams_at(section, N=N, D=D, C=6 * N * D)
     assert at["lr"] == pytest.approx(deepseek_lr(N, D, 6 * N * D), rel=0.1)
     assert at["batch_size"] is None
+
+
+def test_caveats_name_an_unresolved_slope_and_use_far_beyond_the_search():
+    cells = [{"C": 1e13}, {"C": 1e14}]
+    unresolved = {"cells": cells, "lr_vs_C": {"k": 1e-12, "a": 0.68, "ci": {"k": [1e-15, 8.0], "a": [-0.26, 0.89]}}}
+    lines = caveats(unresolved, [2e13, 5e14])
+    assert len(lines) == 2 and "includes 0" in lines[0] and "lr_vs_C slope a = +0.68" in lines[0]
+    assert "5.0x beyond the searched cells" in lines[1]
+    resolved = {"cells": cells, "lr_vs_C": {"k": 10.0, "a": -0.28, "ci": {"k": [0.02, 1e4], "a": [-0.54, -0.05]}},
+                "batch_vs_ND": {"d0": 1.0, "d1": 0.1, "d2": 0.2, "ci": {"d0": [0, 2], "d1": [0.05, 0.2], "d2": [0.1, 0.3]}}}
+    assert caveats(resolved, [2e13, 1.5e14]) == []

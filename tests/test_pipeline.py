@@ -119,3 +119,13 @@ def ui_lists_the_sweep(uri: str, parent_id: str, n_runs: int) -> None:
         assert {f"{names.ARTIFACT_DIR}/{f}" for f in ("law.json", "points.csv", "loss_vs_C.png")} <= files
     finally:
         stop(ui)
+
+
+def test_plan_warns_when_auto_rests_on_an_unresolved_law(tmp_path, capsys):
+    law = tmp_path / "law.json"
+    law.write_text(json.dumps({"schema_version": 1, "laws": {}, "hparams": {
+        "cells": [{"C": 1e8}, {"C": 3e8}], "lr_vs_C": {"k": 1e-5, "a": 0.3, "ci": {"k": [1e-7, 1e-2], "a": [-0.2, 0.7]}}}}))
+    spec = tiny_spec(tmp_path, train={"lr": "auto"}, hparams_law=str(law))
+    assert main(["plan", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "warning" in out and "includes 0" in out and "beyond the searched cells" in out
