@@ -76,14 +76,13 @@ def _quiet_mlflow_retries() -> None:
 def where() -> dict[str, str]:
     """Which host, process, Ray node and GPUs this attempt runs on (tags, so the UI shows it)."""
     import ray
-
     import torch
 
     ctx = ray.get_runtime_context() if ray.is_initialized() else None
     gpus = ",".join(map(str, ray.get_gpu_ids())) if ctx else ""
     tags = {names.TAG_WORKER: f"{socket.gethostname()}:{os.getpid()}",
             names.TAG_NODE: ctx.get_node_id() if ctx else "", names.TAG_GPUS: gpus}
-    if torch.cuda.is_available():  # the GPU torch trains on, named as Ray names GPUs: equal to TAG_GPUS when placed right
+    if torch.cuda.is_available():  # the GPU torch trains on, as Ray names GPUs: equal to TAG_GPUS when placed right
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         index = torch.cuda.current_device()
         tags[names.TAG_CUDA] = visible.split(",")[index].strip() if visible else str(index)
