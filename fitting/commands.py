@@ -122,7 +122,7 @@ def cmd_predict(args) -> int:
         _print_hparams(law, float("nan"), float("nan"), compute)
         return 0
     opt = law.optimal(compute, args.E)
-    print(f"C = {compute:.4g} FLOPs (E = {args.E:g}):")
+    print(f"C = {compute:.4g} FLOPs (E = {args.E:g}; from the {opt['law']} law):")
     for key, label in (("N_opt", "N_opt"), ("D_opt", "D_opt"), ("loss", "loss (nats/token)"),
                        ("tokens_per_param", "tokens/param")):
         print(f"  {label:<18} {_fmt(opt[key], opt[key + '_ci'])}")

@@ -42,7 +42,8 @@ def quadratic_minimum(log_n: np.ndarray, loss: np.ndarray) -> dict:
         out["flag"] = "quadratic opens downwards: no minimum"
         return out
     x_opt = -c1 / (2 * c2)
-    out.update(N_opt=float(np.exp(centre + x_opt)), loss_opt=float(c0 + c1 * x_opt + c2 * x_opt ** 2))
+    with np.errstate(over="ignore"):  # a nearly flat profile puts its minimum (and interval) at infinity: its answer
+        out.update(N_opt=float(np.exp(centre + x_opt)), loss_opt=float(c0 + c1 * x_opt + c2 * x_opt ** 2))
     dof = len(x) - 3
     if dof > 0:
         # delta method: var(x_opt) = grad' Cov(c1, c2) grad, Cov from the Jacobian at the solution
@@ -50,7 +51,8 @@ def quadratic_minimum(log_n: np.ndarray, loss: np.ndarray) -> dict:
         cov = np.linalg.pinv(fit.jac.T @ fit.jac) * resid_var
         grad = np.array([0.0, -1 / (2 * c2), c1 / (2 * c2 ** 2)])
         half = 1.96 * float(np.sqrt(max(grad @ cov @ grad, 0.0)))
-        out["N_opt_ci"] = [float(np.exp(centre + x_opt - half)), float(np.exp(centre + x_opt + half))]
+        with np.errstate(over="ignore"):
+            out["N_opt_ci"] = [float(np.exp(centre + x_opt - half)), float(np.exp(centre + x_opt + half))]
     if np.argmin(loss) in (np.argmin(log_n), np.argmax(log_n)):
         out["flag"] = "lowest loss at the edge of the N grid"
     elif not x.min() <= x_opt <= x.max():

@@ -116,23 +116,29 @@ class Law:
         samples = self._samples(section)
         return interval(laws.surface_loss(name, samples, N, D, E)) if samples else None
 
+    def _dense_law(self, E) -> str | None:
+        """The section that gives chinchilla coefficients at E experts: moe when fitted (any E), else chinchilla (E 1)."""
+        return next((n for n in ("moe", "chinchilla") if n in self.laws and (n == "moe" or E == 1)), None)
+
     def _dense(self, E) -> tuple[dict, list[dict] | None] | None:
         """chinchilla coefficients (point and per replicate) at E experts, when the file has chinchilla or moe."""
-        for name in ("moe", "chinchilla"):
-            if name in self.laws and (name == "moe" or E == 1):
-                section = self.laws[name]
-                samples = self._samples(section)
-                reps = None if samples is None else laws.as_dense(name, samples, E)
-                return laws.as_dense(name, section["params"], E), reps
-        return None
+        name = self._dense_law(E)
+        if name is None:
+            return None
+        section = self.laws[name]
+        samples = self._samples(section)
+        reps = None if samples is None else laws.as_dense(name, samples, E)
+        return laws.as_dense(name, section["params"], E), reps
 
     def optimal(self, C, E=1) -> dict:
-        """N_opt, D_opt, loss and tokens per parameter at compute C, each with its interval (None without bootstrap).
+        """N_opt, D_opt, loss and tokens per parameter at compute C, each with its interval (None without bootstrap),
+        and `law`: the section they come from.
 
-        From the closed form of the chinchilla (or moe) law; from N_opt = k_N C^a, D_opt = k_D C^b of the
+        From the closed form of the moe (or chinchilla) law; from N_opt = k_N C^a, D_opt = k_D C^b of the
         isoflop or envelope fit when the file has no parametric law (then loss is None)."""
         dense = self._dense(E)
         if dense is not None:
+            name = self._dense_law(E)
             point, reps = dense
             out = {k: float(v) for k, v in laws.optimal_allocation(C, **point, flops_per_param_token=self.k).items()}
             spread = laws.optimal_allocation(C, **reps, flops_per_param_token=self.k) if reps else None
@@ -145,7 +151,7 @@ class Law:
             samples = self._samples(section)
             spread = _frontier(samples, C) if samples else None
         keys = ("N_opt", "D_opt", "loss", "tokens_per_param")
-        result = {k: out.get(k) for k in keys}
+        result = {"law": name} | {k: out.get(k) for k in keys}
         for k in keys:
             result[f"{k}_ci"] = interval(spread[k]) if spread is not None and spread.get(k) is not None else None
         return result

@@ -99,6 +99,7 @@ def test_dense_and_moe_together_give_the_moe_law_and_its_efficiency_gain(tmp_pat
     gain = doc["laws"]["moe"]["derived"]["efficiency_gain_E8"]
     assert gain == pytest.approx(8 ** (0.1 / 0.34), rel=0.1)
     law = load_law(tmp_path / "law.json")
+    assert law.optimal(1e21, E=1)["law"] == "moe"  # the joint law, not the dense-only one, gives the optimum
     dense_loss = law.optimal(1e21, E=1)["loss"]
     assert law.compute_for_loss(dense_loss, E=8) == pytest.approx(1e21 / gain, rel=1e-6)
     assert (tmp_path / "dense_vs_moe.png").stat().st_size > 0

@@ -34,6 +34,7 @@ def test_registered_prediction_is_scored_against_the_held_out_budget(tmp_path):
     law = write(tmp_path / "law.json", document({"chinchilla": section}, conventions=conventions(params="active", flops="6N"), meta={}))
     held_out = 1e20
     prediction = register(law, held_out)
+    assert prediction["predicted"]["law"] == "chinchilla"  # the pre-registration says which law made it
     assert prediction["predicted"]["loss_ci"][0] < prediction["predicted"]["loss"] < prediction["predicted"]["loss_ci"][1]
 
     scored = score(prediction, isoflop_points([held_out], rng, noise=0.0))
