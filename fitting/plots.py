@@ -65,14 +65,24 @@ def isoflop_profiles(doc: dict, points: pd.DataFrame, path: Path) -> Path | None
     return _save(fig, path)
 
 
-def residuals(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
-    """log(prediction / loss) of the main loss law at every point it fitted, against N and against D."""
+def _surface_rows(doc: dict, points: pd.DataFrame, *, moe_rows: bool) -> tuple[str, pd.DataFrame] | None:
+    """The main loss law's name and its final points: the dense ones, and the MoE ones too when asked and the
+    law is moe."""
     name = next((n for n in laws.SURFACES if n in doc["laws"]), None)
     if name is None:
         return None
     rows, _ = parametric_rows(points)
-    if name != "moe" and "E" in rows.columns and rows["E"].nunique() > 1:
+    if not (moe_rows and name == "moe") and "E" in rows.columns and rows["E"].nunique() > 1:
         rows = rows[rows["E"] == 1]
+    return name, rows
+
+
+def residuals(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
+    """log(prediction / loss) of the main loss law at every point it fitted, against N and against D."""
+    surface = _surface_rows(doc, points, moe_rows=True)
+    if surface is None:
+        return None
+    name, rows = surface
     E = rows["E"].to_numpy(float) if name == "moe" else 1.0
     r = np.log(laws.surface_loss(name, doc["laws"][name]["params"], rows["N"], rows["D"], E) / rows["loss"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
@@ -86,12 +96,10 @@ def residuals(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
 
 def law_against_points(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
     """Final losses against D, one colour per N, with the fitted surface's curve for each N."""
-    name = next((n for n in laws.SURFACES if n in doc["laws"]), None)
-    if name is None:
+    surface = _surface_rows(doc, points, moe_rows=False)
+    if surface is None:
         return None
-    rows, _ = parametric_rows(points)
-    if "E" in rows.columns and rows["E"].nunique() > 1:
-        rows = rows[rows["E"] == 1]
+    name, rows = surface
     sizes = np.sort(rows["N"].unique())
     fig, ax = plt.subplots(figsize=(7, 5))
     for n, color in zip(sizes, plt.cm.viridis(np.linspace(0, 0.9, len(sizes)))):

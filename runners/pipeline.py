@@ -155,8 +155,8 @@ def run(spec: SweepSpec, *, address: str | None, fit: bool = True, cache_dir: Pa
     """Plan, run what is not done yet, and export. Exit code: 0 when every trial ended in a done state."""
     trials = source(spec)
     console.print(f"sweep {spec.name}: {trials.total} trials planned")
-    if spec.search is None:
-        print_caveats(spec, plan(spec))
+    if isinstance(trials, GridSource):
+        print_caveats(spec, trials.planned)
     runs = SweepRuns(spec.name)  # creates the store and experiment once, before any worker opens it
     prepare_data(spec.data, cache_dir)  # tokenize once here, so the trials find the cache and bad data fails early
     started = connect(address)

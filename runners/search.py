@@ -33,7 +33,7 @@ class GridSource:
     order they were submitted, and starting the longest first keeps the GPUs busy to the end of the sweep."""
 
     def __init__(self, planned: list[PlannedTrial]):
-        self.total = len(planned)
+        self.planned, self.total = planned, len(planned)
         self._todo = sorted(planned, key=lambda p: p.compute_exact, reverse=True)
 
     def take(self) -> list[tuple[PlannedTrial, Pruning | None]]:
