@@ -7,7 +7,8 @@
 #   run.sh bench:NAME                 runners.step_bench NAME only (dense_step or moe_step)
 #   run.sh multigpu:SPEC              SPEC on one GPU, then on all: wall time, speedup, per-GPU busy fraction
 #   run.sh packing:SPEC               SPEC on one GPU, a trial at a time, then packed at its share
-#   run.sh sweep:SPEC                 scaling run SPEC (Ray + MLflow, all GPUs)
+#   run.sh packing-mps:SPEC           the same, then packed again under NVIDIA MPS
+#   run.sh sweep:SPEC                 scaling run SPEC (Ray + MLflow, all GPUs), its export, its GPU use (sweepstats)
 # DEADLINE (seconds from the start, default 540) stops a sweep's training with Ctrl-C; its finished trials
 # stay finished in the MLflow store, are exported, and the next call resumes the rest.
 # Carry [".gpu", ".data"]: .gpu/site.tar.xz from runners/device/build-bundle.sh; .data holds the corpus
@@ -31,9 +32,11 @@ for stage in "$@"; do
     bench) python -m models.bench moe_layer && python -m runners.step_bench dense_step moe_step ;;
     bench:*) python -m runners.step_bench "${stage#bench:}" ;;
     multigpu:*|packing:*) python -m runners.device.sweepbench "${stage%%:*}" "${stage#*:}" --util $work/gpu_util.csv ;;
+    packing-mps:*) python -m runners.device.sweepbench packing "${stage#*:}" --util $work/gpu_util.csv --mps ;;
     # training under the deadline, then the export (whatever finished) outside it
     sweep:*) timeout --signal=INT $((DEADLINE - (SECONDS - start))) python -m runners.cli run "${stage#sweep:}" --no-fit
-             python -m runners.cli export "${stage#sweep:}" ;;
+             python -m runners.cli export "${stage#sweep:}"
+             python -m runners.device.sweepstats "${stage#sweep:}" --util $work/gpu_util.csv ;;
     *) echo "unknown stage $stage"; false ;;
   esac 2>&1 | tee -a "$OUT/log.txt" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1

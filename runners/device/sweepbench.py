@@ -6,64 +6,77 @@
 
 multigpu: speedup = wall time on one GPU / wall time on all of them (goal 0.95 x the GPU count).
 packing: speedup = wall time with one trial per GPU (gpus: 1) / with the spec's own share (goal 3x for 16
-tiny trials at 1/16). The busy fraction of each GPU is the mean of nvidia-smi's utilization samples (taken
-by runners/device/run.sh) inside each run's window: the share of time a kernel was running, not MFU.
+tiny trials at 1/16); with --mps, a third run packs them under NVIDIA's Multi-Process Service (a daemon this
+script starts and stops), which lets kernels of different processes run on the GPU at the same time where
+time-slicing runs one process's kernels at a time.
+Two wall times per run: `speedup` over the whole command (driver start, Ray start and MLflow store included:
+about 40 s that no GPU count changes) and `speedup_sweep` over the sweep's own window, from the first trial
+submitted to the last trial ended (the fresh workers' start included). The busy fraction of each GPU is the
+mean of nvidia-smi's utilization samples (taken by runners/device/run.sh) inside each run's window: the
+share of time a kernel was running, not MFU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import timezone
 from pathlib import Path
 
-import pandas as pd
+import mlflow
 import torch
 import yaml
 
 from runners.benchlog import append
+from runners.device.sweepstats import busy_fraction, trial_runs
+
+Window = tuple[float, float]  # wall-clock start and end, seconds since the epoch
 
 
-def run_as(spec: dict, name: str, gpus: str) -> tuple[float, float]:
-    """Run a renamed copy of the spec on the given CUDA devices: (start, end) wall-clock times."""
+def run_as(spec: dict, name: str, gpus: str, env: dict | None = None) -> tuple[Window, Window]:
+    """Run a renamed copy of the spec on the given CUDA devices: the command's window and the sweep's."""
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec | {"name": name, "results_dir": str(folder / "results"),
                                            "checkpoint_dir": str(folder / "ckpt")}))
-    env = os.environ | {"CUDA_VISIBLE_DEVICES": gpus, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    env = os.environ | (env or {}) | {"CUDA_VISIBLE_DEVICES": gpus, "MLFLOW_TRACKING_URI": store}
     start = time.time()
     subprocess.run([sys.executable, "-m", "runners.cli", "run", str(path), "--no-fit"], env=env, check=True)
-    return start, time.time()
+    end = time.time()
+    mlflow.set_tracking_uri(store)
+    runs = trial_runs(name)
+    return (start, end), (runs.start.min(), runs.end.max())
 
 
-def busy_fraction(util_csv: Path, window: tuple[float, float]) -> dict[int, float]:
-    """Mean utilisation of each GPU between two wall-clock times, as a fraction."""
-    table = pd.read_csv(util_csv, header=None, names=["time", "gpu", "util", "mem"], skipinitialspace=True)
-    stamps = pd.to_datetime(table.time, format="%Y/%m/%d %H:%M:%S.%f").dt.tz_localize(timezone.utc)
-    table["t"] = stamps.map(lambda t: t.timestamp())
-    table["util"] = table.util.str.rstrip(" %").astype(float) / 100
-    inside = table[(table.t >= window[0]) & (table.t <= window[1])]
-    return {int(g): round(float(u), 3) for g, u in inside.groupby("gpu").util.mean().items()}
+@contextlib.contextmanager
+def mps_daemon(folder: Path):
+    """NVIDIA MPS for the processes started inside: yields the environment that points them at the daemon."""
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(folder / "log")}
+    for d in env.values():
+        Path(d).mkdir(parents=True, exist_ok=True)
+    subprocess.run(["nvidia-cuda-mps-control", "-d"], env=os.environ | env, check=True)
+    try:
+        yield env
+    finally:
+        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env=os.environ | env)
 
 
-def compare(benchmark: str, spec: dict, baseline: tuple[str, dict, str], candidate: tuple[str, dict, str],
-            util: Path, config: dict) -> float:
-    """Time the baseline and the candidate runs; log speedup, both wall times and busy fractions."""
-    (base_name, base_spec, base_gpus), (cand_name, cand_spec, cand_gpus) = baseline, candidate
-    base = run_as(base_spec, f"{spec['name']}-{base_name}", base_gpus)
-    cand = run_as(cand_spec, f"{spec['name']}-{cand_name}", cand_gpus)
-    walls = {base_name: base[1] - base[0], cand_name: cand[1] - cand[0]}
-    busy = {base_name: busy_fraction(util, base), cand_name: busy_fraction(util, cand)}
-    speedup = walls[base_name] / walls[cand_name]
-    append(benchmark, "speedup", speedup, "x", config | {"wall_s": walls, "busy": busy})
-    for name, wall in walls.items():
-        append(benchmark, f"wall_{name}", wall, "s", config)
-    print(f"{benchmark}: {base_name} {walls[base_name]:.1f} s, {cand_name} {walls[cand_name]:.1f} s, speedup {speedup:.2f}; busy {busy}")
-    return speedup
+def compare(benchmark: str, base_name: str, base: tuple[Window, Window], cand_name: str,
+            cand: tuple[Window, Window], util: Path, config: dict) -> None:
+    """Log the speedup of the candidate over the baseline, over whole commands and over sweep windows."""
+    for metric, i in (("speedup", 0), ("speedup_sweep", 1)):
+        walls = {base_name: base[i][1] - base[i][0], cand_name: cand[i][1] - cand[i][0]}
+        busy = {base_name: busy_fraction(util, base[i]), cand_name: busy_fraction(util, cand[i])}
+        speedup = walls[base_name] / walls[cand_name]
+        append(benchmark, metric, round(speedup, 3), "x", config | {"wall_s": walls, "busy": busy,
+                                                                    "window": ("whole command", "sweep")[i]})
+        print(f"{benchmark} {metric}: {base_name} {walls[base_name]:.1f} s, {cand_name} {walls[cand_name]:.1f} s, "
+              f"speedup {speedup:.2f}; busy {busy}")
 
 
 def main() -> None:
@@ -71,18 +84,30 @@ def main() -> None:
     parser.add_argument("benchmark", choices=["multigpu", "packing"])
     parser.add_argument("spec", type=Path)
     parser.add_argument("--util", type=Path, required=True, help="nvidia-smi samples: timestamp, index, utilization, memory")
+    parser.add_argument("--mps", action="store_true", help="packing: also run the packed sweep under NVIDIA MPS")
     args = parser.parse_args()
     spec = yaml.safe_load(args.spec.read_text())
-    config = {"spec": str(args.spec), "note": "wall time of `scaling run --no-fit`, Ray start included"}
+    name = spec["name"]
+    config = {"spec": str(args.spec), "note": "`scaling run --no-fit`, each run its own Ray and MLflow store"}
     if args.benchmark == "multigpu":
         n = torch.cuda.device_count()
-        compare("multigpu", spec, ("1gpu", spec, "0"), (f"{n}gpu", spec, ",".join(map(str, range(n)))),
-                args.util, config | {"gpus": n, "goal": 0.95 * n})
-    else:
-        share = spec.get("resources", {}).get("gpus", "auto")
-        alone = spec | {"resources": spec.get("resources", {}) | {"gpus": 1}}
-        compare("packing", spec, ("one_at_a_time", alone, "0"), (f"packed_{share}", spec, "0"),
-                args.util, config | {"share": share, "goal": 3.0})
+        one = run_as(spec, f"{name}-1gpu", "0")
+        every = run_as(spec, f"{name}-{n}gpu", ",".join(map(str, range(n))))
+        compare("multigpu", "1gpu", one, f"{n}gpu", every, args.util, config | {"gpus": n, "goal": 0.95 * n})
+        return
+    share = spec.get("resources", {}).get("gpus", "auto")
+    alone = run_as(spec | {"resources": spec.get("resources", {}) | {"gpus": 1}}, f"{name}-alone", "0")
+    packed = run_as(spec, f"{name}-packed", "0")
+    config |= {"share": share, "goal": 3.0}
+    compare("packing", "one_at_a_time", alone, f"packed_{share}", packed, args.util, config)
+    if args.mps:
+        try:
+            with mps_daemon(Path(tempfile.mkdtemp(prefix="mps-"))) as env:
+                under_mps = run_as(spec, f"{name}-mps", "0", env)
+        except (OSError, subprocess.CalledProcessError) as e:
+            print(f"packing under MPS not measured: {e}")
+            return
+        compare("packing", "one_at_a_time", alone, f"packed_{share}_mps", under_mps, args.util, config | {"mps": True})
 
 
 if __name__ == "__main__":

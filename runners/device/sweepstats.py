@@ -1,0 +1,92 @@
+"""How well a finished sweep used its GPUs, from its MLflow store and nvidia-smi samples.
+
+    python -m runners.device.sweepstats SPEC --util gpu_util.csv [--on DEVICE --at COMMIT]
+
+Appends `benchmark: sweep` figures to results/benchmarks.jsonl. The window runs from the first trial's
+submission (the driver registers every trial's MLflow run as it submits it) to the last trial's end, so
+it holds the fresh Ray workers' start but not the driver's own (imports, Ray, the MLflow store):
+- wall_s and gpu_hours (wall x GPUs);
+- gpu_busy_fraction: mean nvidia-smi utilization.gpu over the window (a kernel was running; not MFU), and
+  gpu_busy_fraction_training: the same from the first training step on;
+- mfu: the exact training FLOPs of every trial's main run (branch decays not counted) over wall x GPUs x
+  peak; mean_trial_mfu: the mean of the trials' own perf/mfu (each over one whole GPU's peak).
+run.sh calls it after every sweep stage; --on and --at name the device and commit when it runs elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import timezone
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from runners import names
+from runners.benchlog import append, device
+from runners.step import PEAK_BF16_FLOPS
+from sweeps.spec import load_spec
+
+
+def busy_fraction(util_csv: Path, window: tuple[float, float]) -> dict[int, float]:
+    """Mean utilisation of each GPU between two wall-clock times, as a fraction."""
+    table = pd.read_csv(util_csv, header=None, names=["time", "gpu", "util", "mem"], skipinitialspace=True)
+    stamps = pd.to_datetime(table.time, format="%Y/%m/%d %H:%M:%S.%f").dt.tz_localize(timezone.utc)
+    table["t"] = stamps.map(lambda t: t.timestamp())
+    table["util"] = table.util.str.rstrip(" %").astype(float) / 100
+    inside = table[(table.t >= window[0]) & (table.t <= window[1])]
+    return {int(g): round(float(u), 3) for g, u in inside.groupby("gpu").util.mean().items()}
+
+
+def trial_runs(sweep: str) -> pd.DataFrame:
+    """The sweep's trial runs: start and end (s), exact FLOPs, mean MFU and first metric time."""
+    experiment = mlflow.get_experiment_by_name(sweep)
+    if experiment is None:
+        raise SystemExit(f"no MLflow experiment named {sweep!r} in {mlflow.get_tracking_uri()}")
+    runs = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.`{names.TAG_ROLE}` = '{names.ROLE_TRIAL}'")
+    client = mlflow.MlflowClient()
+    first_step = [min(m.timestamp for m in client.get_metric_history(r, names.TRAIN_LOSS)) / 1000 for r in runs.run_id]
+    return pd.DataFrame({
+        "start": runs.start_time.map(lambda t: t.timestamp()), "end": runs.end_time.map(lambda t: t.timestamp()),
+        "first_step": first_step, "flops": runs[f"params.{names.PARAM_FLOPS_EXACT}"].astype(float),
+        "mfu": runs.get(f"metrics.{names.MFU}", pd.Series(dtype=float)),
+    })
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("spec", type=Path)
+    parser.add_argument("--util", type=Path, required=True, help="nvidia-smi samples: timestamp, index, utilization, memory")
+    parser.add_argument("--on", help="device name, when not measured on this machine")
+    parser.add_argument("--at", help="commit the sweep ran at, when not this checkout's")
+    args = parser.parse_args()
+    spec = load_spec(args.spec)
+    runs = trial_runs(spec.name)
+    window = (runs.start.min(), runs.end.max())
+    wall = window[1] - window[0]
+    busy = busy_fraction(args.util, window)
+    busy_training = busy_fraction(args.util, (runs.first_step.min(), window[1]))
+    gpus = len(busy)
+    on = args.on or device()
+    peak = next((p for key, p in PEAK_BF16_FLOPS.items() if key in on), None)
+    if peak is None:
+        raise SystemExit(f"--on {on!r}: no bf16 peak known for it (runners.step.PEAK_BF16_FLOPS)")
+    config = {"spec": str(args.spec), "trials": len(runs), "gpus": gpus, "share": spec.resources.gpus,
+              "compile": spec.runtime.compile, "wall_s": round(wall, 1), "flops_exact": float(runs.flops.sum()),
+              "note": "window: first trial submitted to last trial ended, from MLflow run times"}
+    figures = [
+        ("wall_s", wall, "s", {}),
+        ("gpu_hours", wall * gpus / 3600, "GPU-h", {"how": f"wall x {gpus} GPUs"}),
+        ("gpu_busy_fraction", sum(busy.values()) / gpus, "fraction", {"per_gpu": busy}),
+        ("gpu_busy_fraction_training", sum(busy_training.values()) / gpus, "fraction",
+         {"per_gpu": busy_training, "how": f"from the first training step, {runs.first_step.min() - window[0]:.1f} s into the window"}),
+        ("mfu", runs.flops.sum() / (wall * gpus * peak), "fraction", {"how": f"exact FLOPs / (wall x {gpus} x {peak:.3g})"}),
+        ("mean_trial_mfu", float(runs.mfu.mean()), "fraction", {"how": "mean of the trials' perf/mfu"}),
+    ]
+    for metric, value, unit, extra in figures:
+        line = append("sweep", metric, round(float(value), 4), unit, config | extra, on=on, at=args.at)
+        print(f"sweep {metric}: {line['value']} {unit}")
+
+
+if __name__ == "__main__":
+    main()
