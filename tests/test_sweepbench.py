@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from runners.device.sweepbench import busy_fraction
+from runners.device.sweepstats import busy_fraction
 
 
 def test_busy_fraction_is_the_mean_utilisation_inside_the_window(tmp_path):
@@ -17,3 +17,22 @@ def test_busy_fraction_is_the_mean_utilisation_inside_the_window(tmp_path):
     at = lambda s: datetime(2026, 11, 28, 6, 38, s, tzinfo=timezone.utc).timestamp()  # noqa: E731
     assert busy_fraction(csv, (at(0), at(2))) == {0: pytest.approx(0.75), 1: pytest.approx(0.0)}
     assert busy_fraction(csv, (at(2), at(4))) == {0: pytest.approx(0.5), 1: pytest.approx(1.0)}
+
+
+def test_trial_runs_reads_each_trials_window_and_flops_from_a_real_sweep(tmp_path, sqlite_uri, local_ray):
+    import mlflow
+    import pandas as pd
+
+    from runners.cli import main
+    from runners.device.sweepstats import trial_runs
+    from tests.helpers import tiny_spec
+
+    spec = tiny_spec(tmp_path, name="stats")
+    assert main(["plan", str(spec), "--format", "csv", "--out", str(tmp_path / "plan.csv")]) == 0
+    assert main(["run", str(spec), "--no-fit"]) == 0
+    mlflow.set_tracking_uri(sqlite_uri)
+    runs = trial_runs("stats")
+    planned = pd.read_csv(tmp_path / "plan.csv")
+    assert len(runs) == len(planned)
+    assert runs.flops.sum() == pytest.approx(planned.flops_exact.sum())
+    assert ((runs.start < runs.first_step) & (runs.first_step < runs.end)).all()
