@@ -40,7 +40,8 @@ for stage in "$@"; do
     *) echo "unknown stage $stage"; false ;;
   esac 2>&1 | tee -a "$OUT/log.txt" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  tar -cf - results -C $work mlflow.db gpu_util.csv gpus.txt | xz -T0 -6 > "$OUT/run.tar.xz.part" && mv "$OUT/run.tar.xz.part" "$OUT/run.tar.xz"
+  (cd $work && ls mlflow.db gpu_util.csv gpus.txt 2>/dev/null) > $work/packed.txt   # no store after benchmarks alone
+  tar -cf - results -C $work -T $work/packed.txt | xz -T0 -6 > "$OUT/run.tar.xz.part" && mv "$OUT/run.tar.xz.part" "$OUT/run.tar.xz"
 done
 kill $monitor
 exit $status

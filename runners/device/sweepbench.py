@@ -9,8 +9,8 @@ packing: speedup = wall time with one trial per GPU (gpus: 1) / with the spec's 
 tiny trials at 1/16); with --mps, a third run packs them under NVIDIA's Multi-Process Service (a daemon this
 script starts and stops), which lets kernels of different processes run on the GPU at the same time where
 time-slicing runs one process's kernels at a time.
-Two wall times per run: `speedup` over the whole command (driver start, Ray start and MLflow store included:
-about 40 s that no GPU count changes) and `speedup_sweep` over the sweep's own window, from the first trial
+The corpus is tokenized (cached) before the first run. Two wall times per run: `speedup` over the whole
+command (driver start, Ray start and MLflow store included: about 40 s that no GPU count changes) and `speedup_sweep` over the sweep's own window, from the first trial
 submitted to the last trial ended (the fresh workers' start included). The busy fraction of each GPU is the
 mean of nvidia-smi's utilization samples (taken by runners/device/run.sh) inside each run's window: the
 share of time a kernel was running, not MFU.
@@ -32,7 +32,9 @@ import torch
 import yaml
 
 from runners.benchlog import append
+from runners.data import prepare_data
 from runners.device.sweepstats import busy_fraction, trial_runs
+from sweeps.spec import load_spec
 
 Window = tuple[float, float]  # wall-clock start and end, seconds since the epoch
 
@@ -88,6 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     spec = yaml.safe_load(args.spec.read_text())
     name = spec["name"]
+    prepare_data(load_spec(args.spec).data)  # tokenized before any timing, so no run pays for it
     config = {"spec": str(args.spec), "note": "`scaling run --no-fit`, each run its own Ray and MLflow store"}
     if args.benchmark == "multigpu":
         n = torch.cuda.device_count()
