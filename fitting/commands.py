@@ -90,8 +90,9 @@ def _print_fit(doc: dict, paths: list[Path]) -> None:
             print("  " + ", ".join(f"{k} = {_fmt(v, section['derived_ci'].get(k))}" for k, v in section["derived"].items()))
         if "extrapolation" in section:
             x = section["extrapolation"]
-            print(f"  held out {x['n_held_out']} points above C = {x['holdout_above']:.3g}: mean |relative error| "
-                  f"{x['mean_abs_relative_error']:.2%}, max {x['max_abs_relative_error']:.2%}")
+            print(f"  held out {x['n_held_out']} points above C = {x['holdout_above']:.3g} ({x['factor']:.3g}x): "
+                  f"mean |relative error| {x['mean_abs_relative_error']:.2%}, max {x['max_abs_relative_error']:.2%}, "
+                  f"rms {x['rms_relative_error']:.2%}, mean {x['mean_relative_error']:+.2%}")
     for name, why in doc.get("failed", {}).items():
         print(f"{name}: not fitted: {why}")
     if "hparams" in doc:
@@ -126,6 +127,8 @@ def cmd_predict(args) -> int:
     for key, label in (("N_opt", "N_opt"), ("D_opt", "D_opt"), ("loss", "loss (nats/token)"),
                        ("tokens_per_param", "tokens/param")):
         print(f"  {label:<18} {_fmt(opt[key], opt[key + '_ci'])}")
+    if opt["loss"] is not None:  # the bootstrap sees noise only; the total adds the backtest's extrapolation error
+        print(f"  {'loss, total':<18} {_fmt(opt['loss'], opt['loss_ci_total'])}  ({opt['loss_ci_total_method']})")
     _print_hparams(law, opt["N_opt"], opt["D_opt"], compute)
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,11 @@ def _try(fitted: Fitted, name: str, fit) -> None:
     try:
         fitted.sections[name] = fit()
     except Exception as e:  # a law the data cannot support is reported, whatever went wrong inside its fitter
-        fitted.failed[name] = str(e).splitlines()[0] if isinstance(e, FitInputError) else f"{type(e).__name__}: {e}"
+        fitted.failed[name] = _reason(e)
+
+
+def _reason(e: Exception) -> str:
+    return str(e).splitlines()[0] if isinstance(e, FitInputError) else f"{type(e).__name__}: {e}"
 
 
 def _varies(points: pd.DataFrame, column: str) -> bool:
@@ -74,16 +79,16 @@ def _physical(law: str, params: dict) -> None:
 def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: str = "points",
             delta: float = 1e-3) -> Fitted:
     """chinchilla (dense rows), moe (when E varies), envelope (curves with C), isoflop (budgets), hparams
-    (when lr or batch_size vary), and the extrapolation check of chinchilla on the largest budget. The loss
-    laws see each cell's best run when hyperparameters vary; the hparams laws see every run."""
+    (when lr or batch_size vary), and the extrapolation backtest of chinchilla and moe on the largest budget.
+    The loss laws see each cell's best run when hyperparameters vary; the hparams laws see every run."""
     fitted = Fitted()
     options = {"bootstrap": bootstrap, "seed": seed, "resample": resample}
     tuned = best_per_cell(points)
     dense = tuned[tuned["E"] == 1] if _varies(tuned, "E") else tuned
 
-    def surface(law: str, rows: pd.DataFrame):
+    def surface(law: str, rows: pd.DataFrame, holdout_above: float | None = None):
         _identifiable(rows)
-        section = fit_parametric(rows, law, delta=delta, **options)
+        section = fit_parametric(rows, law, delta=delta, holdout_above=holdout_above, **options)
         _physical(law, section["params"])
         return section
 
@@ -94,8 +99,9 @@ def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: st
         has_curves = "final" in points.columns and not is_final(points).all()
         if has_curves:
             _try(fitted, "envelope", lambda: _fit("envelope", points, options))
-        if "chinchilla" in fitted.sections:
-            _holdout_largest_budget(fitted, dense, delta, options)
+        for law, rows in (("chinchilla", dense), ("moe", tuned)):  # moe, when fitted, is the law optimal() uses
+            if law in fitted.sections:
+                _holdout_largest_budget(fitted, law, rows, partial(surface, law, rows))
     if "budget" in points.columns and points["budget"].notna().any():
         _try(fitted, "isoflop", lambda: _fit("isoflop", tuned[tuned["budget"].notna()], options))
     if _varies(points, "lr") or _varies(points, "batch_size"):
@@ -111,20 +117,22 @@ def _fit(law: str, points: pd.DataFrame, options: dict) -> dict:
     return fit_law(points, law, **options)
 
 
-def _holdout_largest_budget(fitted: Fitted, dense: pd.DataFrame, delta: float, options: dict) -> None:
-    """Refit chinchilla without the largest budget and record how well it predicts that budget's points."""
-    rows, _ = parametric_rows(dense)
-    if rows.empty:
+def _holdout_largest_budget(fitted: Fitted, law: str, rows: pd.DataFrame, refit) -> None:
+    """Refit `law` without the largest budget (refit(holdout_above) -> section) and record in its section how
+    well it predicts that budget's points: a bootstrap cannot see a bias every point shares, this can, and
+    Law.optimal widens its loss interval by it."""
+    final, _ = parametric_rows(rows)
+    budget = budgets_of(final)
+    if budget.nunique() < 3:
+        fitted.failed[f"{law} extrapolation"] = (f"the backtest needs at least 3 budgets (a law fitted on 2, checked "
+                                                 f"on the largest); this sweep has {budget.nunique()}")
         return
-    budget = budgets_of(rows)
-    if budget.nunique() < 2:
-        return
-    above = float(rows.loc[budget < budget.max(), "C"].max())
     try:
-        check = fit_parametric(dense, "chinchilla", delta=delta, holdout_above=above, **options)
-        fitted.sections["chinchilla"]["extrapolation"] = check["extrapolation"]
-    except FitInputError as e:
-        fitted.failed["extrapolation"] = str(e)
+        check = refit(float(final.loc[budget < budget.max(), "C"].max()))
+    except Exception as e:  # as in _try: a backtest that cannot be fitted is reported, not raised
+        fitted.failed[f"{law} extrapolation"] = _reason(e)
+        return
+    fitted.sections[law]["extrapolation"] = check["extrapolation"]
 
 
 @dataclass
@@ -158,12 +166,14 @@ class ExportSummary:
                 console.print(f"C = {c:.3g}: N_opt {opt['N_opt']:.3g}, D_opt {opt['D_opt']:.3g}, "
                               f"{opt['tokens_per_param']:.3g} tokens/param"
                               + (f", loss {opt['loss']:.4g}" if opt["loss"] is not None else ""))
-        x = self.doc["laws"].get("chinchilla", {}).get("extrapolation")
-        if x:
-            covered = sum(bool(p["covered"]) for p in x["points"])
-            console.print(f"extrapolation: fitted below C = {x['holdout_above']:.3g}, {x['n_held_out']} points above: "
-                          f"mean |error| {x['mean_abs_relative_error']:.2%}, max {x['max_abs_relative_error']:.2%}, "
-                          f"{covered} inside their interval")
+        for name, section in self.doc["laws"].items():
+            x = section.get("extrapolation")
+            if x:
+                covered = sum(bool(p["covered"]) for p in x["points"])
+                console.print(f"{name} extrapolation: fitted below C = {x['holdout_above']:.3g}, {x['n_held_out']} "
+                              f"points above ({x['factor']:.3g}x): mean |error| {x['mean_abs_relative_error']:.2%}, "
+                              f"max {x['max_abs_relative_error']:.2%}, rms {x['rms_relative_error']:.2%}, "
+                              f"mean {x['mean_relative_error']:+.2%}, {covered} inside their interval")
         if self.left_out:
             console.print("points left out of the parametric fits: "
                           + ", ".join(f"{n} {why}" for why, n in self.left_out.items()))

@@ -7,15 +7,25 @@
   "conventions": {"N": which parameters, "C": which FLOPs, "loss": units, "flops_per_param_token": k in C = k N D},
   "data_hash": the main law's data hash, "meta": what the caller passed (sweep, corpus hash, ...),
   "laws": {name: section}, every law fitted: params, ci, method and options, n_points, left_out,
-          data_hash, diagnostics, bootstrap (replicates, converged, samples), derived figures,
+          data_hash, diagnostics, bootstrap (replicates, converged, samples), derived figures, and
+          "extrapolation" (chinchilla and moe exported over 3+ budgets, or any law fitted with --holdout-above):
+          the same law refitted below the largest budget and scored on it (fitting/parametric.py): holdout_above,
+          n_held_out, mean_abs_relative_error, max_abs_relative_error, rms_relative_error, mean_relative_error
+          (signed, predicted / actual - 1), fitted_max_C, held_out_max_C, factor (their ratio), points,
   "hparams": the learning-rate and batch-size laws (fitting/hparams.py), when fitted,
-  "failed": {name: why that law could not be fitted}
+  "failed": {name: why that law (or "<law> extrapolation", its backtest) could not be fitted}
 }
+
+Law.optimal(C) returns N_opt, D_opt, loss, tokens_per_param, each with a bootstrap interval (<key>_ci), the
+law it used, and loss_ci_total: loss_ci widened on each side in quadrature by systematic_rel * loss, where
+systematic_rel = rms_relative_error of that law's backtest x max(1, ln(C / largest C fitted) / ln(factor));
+loss_ci_total_method says how, or why there is no total interval (None).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +142,7 @@ class Law:
 
     def optimal(self, C, E=1) -> dict:
         """N_opt, D_opt, loss and tokens per parameter at compute C, each with its interval (None without bootstrap),
-        and `law`: the section they come from.
+        `law`: the section they come from, and loss_ci_total (see the module docstring).
 
         From the closed form of the moe (or chinchilla) law; from N_opt = k_N C^a, D_opt = k_D C^b of the
         isoflop or envelope fit when the file has no parametric law (then loss is None)."""
@@ -154,13 +164,38 @@ class Law:
         result = {"law": name} | {k: out.get(k) for k in keys}
         for k in keys:
             result[f"{k}_ci"] = interval(spread[k]) if spread is not None and spread.get(k) is not None else None
-        return result
+        s, method = (systematic(name, self.laws[name], C) if result["loss"] is not None
+                     else (None, f"the {name} law gives no loss"))
+        total = None if s is None else widened(result["loss"], result["loss_ci"], s)
+        return result | {"loss_ci_total": total, "systematic_rel": s, "loss_ci_total_method": method}
 
     def compute_for_loss(self, L: float, E=1) -> float:
         dense = self._dense(E)
         if dense is None:
             raise FitInputError("the law file has no chinchilla or moe law to invert; fit --law chinchilla")
         return laws.compute_for_loss(L, **dense[0], flops_per_param_token=self.k)
+
+
+def systematic(name: str, section: dict, C: float) -> tuple[float | None, str]:
+    """The relative error a bootstrap over points cannot see (a bias every point shares), from the section's
+    backtest: its rms relative error at `factor` beyond its data, grown linearly in log C beyond that distance
+    (never below it: the backtest is the least this law has been seen to miss by). Returns (s, how) or (None, why)."""
+    x = section.get("extrapolation")
+    if not x or "rms_relative_error" not in x:
+        return None, (f"the {name} law has no extrapolation backtest; refit with `scaling fit --law all` "
+                      f"over 3 or more budgets")
+    # a section fitted with --holdout-above is itself the backtest's law: its data end below the held-out points
+    own = section["method"]["options"].get("holdout_above") is not None
+    top = x["fitted_max_C"] if own else x["held_out_max_C"]
+    s = x["rms_relative_error"] * max(1.0, math.log(C / top) / math.log(x["factor"]))
+    return s, (f"bootstrap interval widened on each side in quadrature by s * loss, s = backtest rms error "
+               f"{x['rms_relative_error']:.2%} x max(1, ln(C / {top:.3g}) / ln({x['factor']:.3g}))")
+
+
+def widened(loss: float, ci: list[float] | None, s: float) -> list[float]:
+    """[low, high] with each side's distance from the loss added in quadrature to s * loss (no bootstrap: s * loss alone)."""
+    low, high = ci or (loss, loss)
+    return [loss - math.hypot(loss - low, s * loss), loss + math.hypot(high - loss, s * loss)]
 
 
 def _frontier(params: dict, C) -> dict:

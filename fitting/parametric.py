@@ -333,7 +333,7 @@ def fit_parametric(points: pd.DataFrame, law: str = "chinchilla", *, delta: floa
         experts = np.unique(used["E"].to_numpy(float)) if law == "moe" else np.array([])
         section["derived"], section["derived_ci"] = _derived(section, experts[experts > 1])
     if held is not None:
-        section["extrapolation"] = extrapolation(section, held, holdout_above)
+        section["extrapolation"] = extrapolation(section, held, holdout_above, used)
     return section
 
 
@@ -353,8 +353,11 @@ def _derived(section: dict, experts: np.ndarray) -> tuple[dict, dict]:
     return point, (intervals(figures(samples)) if samples else {k: None for k in point})
 
 
-def extrapolation(section: dict, held: pd.DataFrame, above: float) -> dict:
-    """Each held-out point's actual loss against the law's prediction and its bootstrap interval."""
+def extrapolation(section: dict, held: pd.DataFrame, above: float, fitted: pd.DataFrame) -> dict:
+    """Each held-out point's actual loss against the law's prediction and its bootstrap interval, the error
+    summaries (relative error = predicted / actual - 1), and how far beyond its data the law extrapolated:
+    factor = largest held-out C / largest fitted C (the compute points reached, not the budget of their trial:
+    a trial's intermediate and branch points sit at a fraction of its budget)."""
     E = held["E"].to_numpy(float) if "E" in held.columns and section["law"] == "moe" else 1.0
     N, D = held["N"].to_numpy(float), held["D"].to_numpy(float)
     predicted = laws.surface_loss(section["law"], section["params"], N, D, E)
@@ -368,9 +371,13 @@ def extrapolation(section: dict, held: pd.DataFrame, above: float) -> dict:
                      "predicted": float(predicted[i]), "interval": band,
                      "relative_error": float(predicted[i] / actual - 1),
                      "covered": None if band is None else bool(band[0] <= actual <= band[1])})
-    errors = np.abs([r["relative_error"] for r in rows])
-    return {"holdout_above": float(above), "n_held_out": len(rows), "mean_abs_relative_error": float(errors.mean()),
-            "max_abs_relative_error": float(errors.max()), "points": rows}
+    errors = np.array([r["relative_error"] for r in rows])
+    fitted_max, held_out_max = float(fitted["C"].max()), float(held["C"].max())
+    return {"holdout_above": float(above), "n_held_out": len(rows),
+            "mean_abs_relative_error": float(np.abs(errors).mean()), "max_abs_relative_error": float(np.abs(errors).max()),
+            "rms_relative_error": float(np.sqrt(np.mean(errors ** 2))), "mean_relative_error": float(errors.mean()),
+            "fitted_max_C": fitted_max, "held_out_max_C": held_out_max, "factor": held_out_max / fitted_max,
+            "points": rows}
 
 
 def _bootstrap(form: Form, logs, log_loss, delta: float, full: Batch, row_groups: np.ndarray,

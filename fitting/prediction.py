@@ -3,10 +3,11 @@
     python -m fitting.prediction register --law results/S/law.json --compute 6e14 --out results/S/prediction.json
     python -m fitting.prediction score --prediction results/S/prediction.json --points results/H/points.csv
 
-`register` records N_opt, D_opt and the loss at the optimum with their bootstrap intervals. `score`
+`register` records N_opt, D_opt and the loss at the optimum with their bootstrap intervals, and the loss's
+total interval (bootstrap plus the law's measured extrapolation error; fitting/lawfile.py). `score`
 reads the held-out budget's final points, takes their IsoFLOP minimum (the robust quadratic in log N of
 approach 2) and the best size actually trained, and adds actual_loss, rel_error
-and whether each interval covered what was found.
+and whether each interval covered what was found (loss_interval_total_covers is None without a total interval).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def score(prediction: dict, points: pd.DataFrame) -> dict:
     inside = profile["flag"] is None
     actual = profile["loss_opt"] if inside else float(best.loss)
     predicted = prediction["predicted"]
-    loss_ci, n_ci = predicted.get("loss_ci"), predicted.get("N_opt_ci")
+    loss_ci, n_ci, total = predicted.get("loss_ci"), predicted.get("N_opt_ci"), predicted.get("loss_ci_total")
     return prediction | {
         "actual_loss": actual,
         "actual_loss_method": "IsoFLOP minimum (quadratic in log N)" if inside else f"best size trained ({profile['flag']})",
@@ -52,6 +53,7 @@ def score(prediction: dict, points: pd.DataFrame) -> dict:
         "actual_N_opt": profile["N_opt"] if inside else float(best.N),
         "rel_error": (predicted["loss"] - actual) / actual,
         "loss_interval_covers": bool(loss_ci and loss_ci[0] <= actual <= loss_ci[1]),
+        "loss_interval_total_covers": None if total is None else bool(total[0] <= actual <= total[1]),
         "N_opt_interval_covers_best_size": bool(n_ci and n_ci[0] <= float(best.N) <= n_ci[1]),
         "scored_points": int(len(table)),
     }

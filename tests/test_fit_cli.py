@@ -57,6 +57,7 @@ def test_predict_at_a_compute_prints_the_closed_form(law_json, capsys):
     assert opt["N_opt_ci"][0] < opt["N_opt"] < opt["N_opt_ci"][1]
     assert opt["N_opt"] == pytest.approx(laws.optimal_allocation(1e21, **law.doc["params"])["N_opt"])
     assert "tokens/param" in out
+    assert "loss, total" in out and "no extrapolation backtest" in out  # one law, one fit: nothing to backtest
 
 
 def test_predict_loss_at_n_d_and_compute_for_a_loss(law_json, capsys):

@@ -65,7 +65,8 @@ def test_export_checks_extrapolation_to_the_largest_budget(exported):
     out, _ = exported
     x = json.loads((out / "law.json").read_text())["laws"]["chinchilla"]["extrapolation"]
     assert x["n_held_out"] == 7 and all(p["C"] == pytest.approx(1e21) for p in x["points"])
-    assert x["mean_abs_relative_error"] < 0.02
+    assert x["mean_abs_relative_error"] < 0.02 and x["rms_relative_error"] < 0.02
+    assert x["factor"] == pytest.approx(10, rel=0.01) and x["held_out_max_C"] == pytest.approx(1e21, rel=0.01)
 
 
 def test_summary_prints_coefficients_allocation_and_left_out_points(exported):
@@ -81,6 +82,7 @@ def test_a_law_the_table_cannot_support_is_reported_not_raised(tmp_path):
     points = sweep_points(budgets=(1e19,))  # one budget: no isoflop frontier, no extrapolation
     summary = export_laws(points, tmp_path, meta={}, bootstrap=0)
     assert "isoflop" in summary.failed and "at least 2 budgets" in summary.failed["isoflop"]
+    assert "at least 3 budgets" in summary.failed["chinchilla extrapolation"]
     assert "chinchilla" in summary.doc["laws"] and "chinchilla" not in summary.failed
     law = load_law(tmp_path / "law.json")
     assert law.doc["failed"] == summary.failed and law.loss_interval(1e9, 1e10) is None
@@ -100,6 +102,8 @@ def test_dense_and_moe_together_give_the_moe_law_and_its_efficiency_gain(tmp_pat
     assert gain == pytest.approx(8 ** (0.1 / 0.34), rel=0.1)
     law = load_law(tmp_path / "law.json")
     assert law.optimal(1e21, E=1)["law"] == "moe"  # the joint law, not the dense-only one, gives the optimum
+    assert doc["laws"]["moe"]["extrapolation"]["n_held_out"] > 0  # and it is the law backtested for loss_ci_total
+    assert law.optimal(1e21, E=1)["loss_ci_total"] is not None
     dense_loss = law.optimal(1e21, E=1)["loss"]
     assert law.compute_for_loss(dense_loss, E=8) == pytest.approx(1e21 / gain, rel=1e-6)
     assert (tmp_path / "dense_vs_moe.png").stat().st_size > 0
