@@ -3,6 +3,7 @@
 
     python -m runners.device.sweepbench multigpu SPEC --util gpu_util.csv   # one GPU, then every GPU
     python -m runners.device.sweepbench packing SPEC --util gpu_util.csv    # one GPU: a trial at a time, then packed
+    python -m runners.device.sweepbench packing SPEC --util gpu_util.csv --mps   # and packed under MPS
 
 multigpu: speedup = wall time on one GPU / wall time on all of them (goal 0.95 x the GPU count).
 packing: speedup = wall time with one trial per GPU (gpus: 1) / with the spec's own share (goal 3x for 16
@@ -10,10 +11,11 @@ tiny trials at 1/16); with --mps, a third run packs them under NVIDIA's Multi-Pr
 script starts and stops), which lets kernels of different processes run on the GPU at the same time where
 time-slicing runs one process's kernels at a time.
 The corpus is tokenized (cached) before the first run. Two wall times per run: `speedup` over the whole
-command (driver start, Ray start and MLflow store included: about 40 s that no GPU count changes) and `speedup_sweep` over the sweep's own window, from the first trial
-submitted to the last trial ended (the fresh workers' start included). The busy fraction of each GPU is the
-mean of nvidia-smi's utilization samples (taken by runners/device/run.sh) inside each run's window: the
-share of time a kernel was running, not MFU.
+command (driver start, Ray start and MLflow store included: 20 to 40 s that no GPU count changes) and
+`speedup_sweep` over the sweep's own window, from the first trial submitted to the last trial ended (the
+fresh workers' start included). The busy fraction of each GPU is the mean of nvidia-smi's utilization
+samples (taken by runners/device/run.sh) inside each run's window: the share of time a kernel was running,
+not MFU.
 """
 
 from __future__ import annotations
