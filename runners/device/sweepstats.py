@@ -38,6 +38,10 @@ def busy_fraction(util_csv: Path, window: tuple[float, float]) -> dict[int, floa
     return {int(g): round(float(u), 3) for g, u in inside.groupby("gpu").util.mean().items()}
 
 
+def _seconds(t: pd.Timestamp) -> float:
+    return t.timestamp() if pd.notna(t) else float("nan")
+
+
 def trial_runs(sweep: str) -> pd.DataFrame:
     """The sweep's trial runs: start and end (s), exact FLOPs, mean MFU and first metric time."""
     experiment = mlflow.get_experiment_by_name(sweep)
@@ -45,9 +49,11 @@ def trial_runs(sweep: str) -> pd.DataFrame:
         raise SystemExit(f"no MLflow experiment named {sweep!r} in {mlflow.get_tracking_uri()}")
     runs = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.`{names.TAG_ROLE}` = '{names.ROLE_TRIAL}'")
     client = mlflow.MlflowClient()
-    first_step = [min(m.timestamp for m in client.get_metric_history(r, names.TRAIN_LOSS)) / 1000 for r in runs.run_id]
+    # a trial that failed before its first step has no loss, one still running no end: NaN, which min/max skip
+    first_step = [min((m.timestamp / 1000 for m in client.get_metric_history(r, names.TRAIN_LOSS)), default=float("nan"))
+                  for r in runs.run_id]
     return pd.DataFrame({
-        "start": runs.start_time.map(lambda t: t.timestamp()), "end": runs.end_time.map(lambda t: t.timestamp()),
+        "start": runs.start_time.map(_seconds), "end": runs.end_time.map(_seconds),
         "first_step": first_step, "flops": runs[f"params.{names.PARAM_FLOPS_EXACT}"].astype(float),
         "mfu": runs.get(f"metrics.{names.MFU}", pd.Series(dtype=float)),
     })
