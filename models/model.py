@@ -6,18 +6,18 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.accounting import is_moe_layer
 from models.config import ModelConfig
 from models.layers import Attention, SwiGLU
+from models.loss import linear_cross_entropy, plain_cross_entropy
 from models.moe import MoE
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None when a training loss was computed in chunks (loss_chunk)
     loss: torch.Tensor | None  # cross-entropy, nats per token, mean over tokens; None without targets
     aux_loss: torch.Tensor  # weighted MoE balance + z-loss over MoE layers; 0 for dense
     router: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer{i}/{stat}": detached scalars
@@ -42,6 +42,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, init_std: float = 0.02):
         super().__init__()
         self.cfg = cfg
+        # Tokens per chunk of the fused head and loss in training (models.loss); None: full logits. How it
+        # runs, not what it computes, so not part of the config.
+        self.loss_chunk: int | None = None
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model)
@@ -71,10 +74,12 @@ class Transformer(nn.Module):
             if layer_aux is not None:
                 aux = aux + layer_aux
             router |= {f"layer{i}/{name}": value for name, value in stats.items()}
-        logits = self.head(self.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        x = self.norm(x)
+        if targets is not None and self.loss_chunk and torch.is_grad_enabled():
+            loss = linear_cross_entropy(x.flatten(0, 1), self.head.weight, targets.reshape(-1), self.loss_chunk)
+            return ModelOutput(logits=None, loss=loss, aux_loss=aux, router=router)
+        logits = self.head(x)
+        loss = None if targets is None else plain_cross_entropy(logits, targets)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux, router=router)
 
 

@@ -72,15 +72,17 @@ QUICK_SHAPES = {
 }
 
 
-def time_step(shape: Shape, device: torch.device, compiled: bool, steps: int, warmup: int,
-              mode: str | None = None) -> dict[str, float]:
-    """Tokens/s, MFU and peak memory of `steps` training steps after `warmup` untimed ones."""
+def time_step(shape: Shape, device: torch.device, compiled: bool, steps: int, warmup: int, mode: str | None = None,
+              accum: int = 1, loss_chunk: int | None = None, profile: bool = False) -> dict[str, float]:
+    """Tokens/s, MFU and peak memory of `steps` optimizer steps (each over `accum` micro-batches) after
+    `warmup` untimed ones; with `profile`, also where the GPU time of three more steps went."""
     torch.manual_seed(0)
     model = build_model(shape.model).to(device)
+    model.loss_chunk = loss_chunk
     forward = torch.compile(model, mode=mode) if compiled else model
     optimizer = make_optimizer(model, TrainConfig(tokens=1, batch_size=shape.model.seq_len, lr=1e-4), device)
     tokens = torch.randint(0, shape.model.vocab_size, (shape.micro_seqs, shape.model.seq_len + 1), device=device)
-    batch = [(tokens[:, :-1], tokens[:, 1:])]
+    batch = [(tokens[:, :-1], tokens[:, 1:])] * accum
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -95,14 +97,42 @@ def time_step(shape: Shape, device: torch.device, compiled: bool, steps: int, wa
     started = time.perf_counter()
     run(steps)
     seconds = time.perf_counter() - started
-    tokens_per_s = steps * shape.micro_seqs * shape.model.seq_len / seconds
+    tokens_per_s = steps * accum * shape.micro_seqs * shape.model.seq_len / seconds
     peak = peak_flops(device)
     out = {"tokens_per_s": tokens_per_s, "step_ms": 1e3 * seconds / steps}
     if peak:
         out["mfu"] = flops_per_token(shape.model).train_exact * tokens_per_s / peak
     if device.type == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if profile and device.type == "cuda":  # a few more steps, not timed, under the profiler
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run(3)
+        print(gpu_time_by_kind(prof.key_averages()), flush=True)
     return out
+
+
+# Kernel name fragments -> what the kernel does (first match wins), for the profile's summary.
+KERNEL_KINDS = [
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "norm_kernel")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas")),
+    ("fused pointwise/reduction (Triton)", ("triton",)),
+]
+
+
+def gpu_time_by_kind(events) -> str:
+    """A table of GPU time by kind of kernel and the 12 longest kernels, from profiler key averages."""
+    kernels = [e for e in events if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time_total for e in kernels) or 1.0
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        name = e.key.lower()
+        kind = next((k for k, parts in KERNEL_KINDS if any(p in name for p in parts)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.device_time_total
+    lines = [f"  {kind:36s} {100 * t / total:5.1f}%" for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    longest = sorted(kernels, key=lambda e: -e.device_time_total)[:12]
+    lines += [f"    {100 * e.device_time_total / total:5.1f}%  {e.key[:110]}" for e in longest]
+    return "GPU time by kind of kernel:\n" + "\n".join(lines)
 
 
 UNITS = {"tokens_per_s": "tokens/s", "mfu": "fraction of peak", "peak_memory_gb": "GiB", "step_ms": "ms"}
@@ -113,7 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("benchmarks", nargs="+", choices=sorted(GPU_SHAPES))
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few steps (a check that it runs)")
     parser.add_argument("--steps", type=int, help="timed steps (default 20, quick 3)")
-    parser.add_argument("--micro", type=int, help="sequences per step, instead of each shape's default")
+    parser.add_argument("--micro", type=int, help="sequences per micro-batch, instead of each shape's default")
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
+    parser.add_argument("--loss-chunk", type=int, help="tokens per chunk of the fused head and loss (models.loss)")
+    parser.add_argument("--head-dim", type=int, help="attention head size, instead of each shape's 64")
+    parser.add_argument("--d-model", type=int, nargs="+", help="only the shapes of these widths")
+    parser.add_argument("--profile", action="store_true", help="print where the timed steps' GPU time went")
     parser.add_argument("--compile", choices=["both", "on", "off"], default="both", help="torch.compile runs (GPU)")
     parser.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: default)")
     parser.add_argument("--log", type=Path, default=benchlog.LOG, help="the JSON-lines file to append to")
@@ -123,26 +158,36 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     steps = args.steps or (3 if args.quick else 20)
+    warmup = 2 if args.quick else 5
     compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile if device.type == "cuda" else "off"]
     for name in args.benchmarks:
         for shape in (QUICK_SHAPES if args.quick else GPU_SHAPES)[name]:
-            if args.micro:
-                shape = Shape(shape.model, args.micro)
+            if args.d_model and shape.model.d_model not in args.d_model:
+                continue
+            model = shape.model
+            if args.head_dim:
+                model = model.model_copy(update={"n_heads": model.d_model // args.head_dim})
+            shape = Shape(ModelConfig.model_validate(model.model_dump()), args.micro or shape.micro_seqs)
             for compiled in compile_modes:
-                figures = time_step(shape, device, compiled, steps, 2 if args.quick else 5, args.compile_mode)
+                figures = time_step(shape, device, compiled, steps, warmup, args.compile_mode, args.accum,
+                                    args.loss_chunk, args.profile)
                 m = shape.model
                 config = {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
-                          "seq_len": m.seq_len, "vocab": m.vocab_size, "batch": shape.micro_seqs,
-                          "batch_tokens": shape.micro_seqs * m.seq_len, "compile": compiled and (args.compile_mode or True), "steps": steps,
+                          "seq_len": m.seq_len, "vocab": m.vocab_size, "batch": shape.micro_seqs * args.accum,
+                          "micro_batch": shape.micro_seqs, "accum": args.accum,
+                          "batch_tokens": shape.micro_seqs * args.accum * m.seq_len,
+                          "loss": f"fused chunks of {args.loss_chunk} tokens" if args.loss_chunk else "full logits",
+                          "compile": compiled and (args.compile_mode or True), "steps": steps,
                           "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
                           **({"experts": m.moe.n_experts, "top_k": m.moe.top_k} if m.moe else {})}
                 for metric, value in figures.items():
                     benchlog.append(name, metric, round(value, 4), UNITS[metric], config, args.log)
-                print(name, f"d{m.d_model} L{m.n_layers} seq{m.seq_len} batch{shape.micro_seqs}",
-                      "compiled" if compiled else "eager", {k: round(v, 4) for k, v in figures.items()}, flush=True)
+                print(name, f"d{m.d_model} L{m.n_layers} h{m.n_heads} seq{m.seq_len} batch{shape.micro_seqs}x{args.accum}",
+                      f"loss_chunk {args.loss_chunk}", "compiled" if compiled else "eager",
+                      {k: round(v, 4) for k, v in figures.items()}, flush=True)
                 if m.moe is not None:  # the issue's figure: MoE tokens/s over its dense twin's (same active N)
-                    twin = time_step(Shape(dense_twin(m), shape.micro_seqs), device, compiled, steps,
-                                     2 if args.quick else 5, args.compile_mode)
+                    twin = time_step(Shape(dense_twin(m), shape.micro_seqs), device, compiled, steps, warmup,
+                                     args.compile_mode, args.accum, args.loss_chunk)
                     ratio = figures["tokens_per_s"] / twin["tokens_per_s"]
                     benchlog.append(name, "throughput_vs_dense", round(ratio, 4), "x",
                                     config | {"dense_d_ff": dense_twin(m).d_ff, "dense_tokens_per_s": round(twin["tokens_per_s"])}, args.log)

@@ -112,7 +112,8 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
     existing = runs.runs(names.ROLE_TRIAL)
     gpu_mem = gpu_memory_bytes(spec.resources.gpu_memory_gb)
     board = Board.options(num_cpus=0).remote()
-    task = ray.remote(max_calls=0 if reuses_workers(gpu_mem is not None) else 1)(_run_on_ray)
+    reuse = reuses_workers(gpu_mem is not None)
+    task = ray.remote(max_calls=0 if reuse else 1)(_run_on_ray)
     refs: dict = {}
     ids: dict[str, tuple[str, dict[int, str]]] = {}
     progress = SweepProgress(total=source.total)
@@ -120,6 +121,7 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
     def submit() -> None:
         """Offer every trial the source has now; one already done in MLflow is told back at once."""
         while offered := source.take():
+            todo = []
             for p, pruning in offered:
                 run = existing.get(p.trial_id)
                 status = run.data.tags.get(names.TAG_STATUS) if run else None
@@ -128,7 +130,11 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
                     outcome.statuses[p.trial_id] = status
                     progress.finished(p.trial_id, status, skipped=True)
                     source.done(p, status, run.data.metrics.get(names.VAL_LOSS))
-                    continue
+                else:
+                    todo.append((p, pruning, ray_options(p, spec.resources, spec.runtime, gpu_mem)))
+            if todo and not refs and reuse:
+                warm_workers(todo, runs.uri)
+            for p, pruning, options in todo:
                 ids[p.trial_id] = register(runs, p)
                 run_id, branches = ids[p.trial_id]
                 job = TrialJob(
@@ -137,7 +143,6 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
                     workdir=str((spec.checkpoint_dir / spec.name / p.trial_id).resolve()),
                     cache_dir=str(cache_dir) if cache_dir else None, cpus=spec.resources.cpus,
                 )
-                options = ray_options(p, spec.resources, spec.runtime, gpu_mem)
                 refs[task.options(name=f"trial-{p.trial_id}", **options).remote(job, board, p.D, pruning)] = p
                 progress.submitted(p.trial_id, p.compute_exact)
 
@@ -168,6 +173,32 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
         outcome.interrupted = True
         _stop(refs, board, ids, runs, outcome)
     return outcome
+
+
+def warm_workers(todo: list[tuple[PlannedTrial, Pruning | None, dict]], tracking_uri: str) -> list:
+    """Start the workers the first trials will run in, and import torch, the trainer and MLflow's store in
+    them, while the driver registers those trials (seconds each for a few hundred tiny trials' workers).
+
+    One warm-up per trial that can run at once, with the first trial's CPUs and a sliver of a GPU when it
+    takes a share (Ray keeps workers that held a GPU for GPU tasks); the trials then take these workers,
+    since they are kept (reuses_workers). Fire and forget (the refs are returned for tests): a warm-up that
+    fails costs nothing."""
+    options = todo[0][2]
+    cpus, gpus = options["num_cpus"], options["num_gpus"]
+    room = ray.cluster_resources()
+    at_once = room.get("CPU", 1) // cpus if cpus else len(todo)
+    if gpus:
+        at_once = min(at_once, room.get("GPU", 0) // gpus)
+    warm = ray.remote(max_calls=0)(_warm).options(num_cpus=cpus, num_gpus=min(gpus, 1e-4), name="warm-worker")
+    return [warm.remote(tracking_uri) for _ in range(int(min(len(todo), at_once)))]
+
+
+def _warm(tracking_uri: str) -> int:
+    import runners.train  # noqa: F401  (torch and the model code)
+    from runners.tracking import client
+
+    client(tracking_uri).search_experiments(max_results=1)  # opens the store (for sqlite: its engine)
+    return os.getpid()
 
 
 def _run_on_ray(job: TrialJob, board, tokens_total: int, pruning: Pruning | None) -> dict:

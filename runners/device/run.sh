@@ -5,9 +5,10 @@
 # store and the GPU utilisation samples, packed again after every stage so a cut-off call still returns them.
 #   run.sh bench                      models.bench moe_layer, runners.step_bench dense_step moe_step
 #   run.sh bench:NAME                 runners.step_bench NAME only (dense_step or moe_step)
+#   run.sh step:ARG,ARG,...           runners.step_bench with these arguments, e.g. step:dense_step,--d-model,768,--profile
 #   run.sh multigpu:SPEC              SPEC on one GPU, then on all: wall time, speedup, per-GPU busy fraction
 #   run.sh packing:SPEC               SPEC on one GPU, a trial at a time, then packed at its share
-#   run.sh packing-mps:SPEC           the same, then packed again under NVIDIA MPS
+#   run.sh packing-mps:SPEC           the same, packed under NVIDIA MPS
 #   run.sh sweep:SPEC                 scaling run SPEC (Ray + MLflow, all GPUs), its export, its GPU use (sweepstats)
 # DEADLINE (seconds from the start, default 540) stops a sweep's training with Ctrl-C; its finished trials
 # stay finished in the MLflow store, are exported, and the next call resumes the rest.
@@ -31,6 +32,7 @@ for stage in "$@"; do
   case $stage in
     bench) python -m models.bench moe_layer && python -m runners.step_bench dense_step moe_step ;;
     bench:*) python -m runners.step_bench "${stage#bench:}" ;;
+    step:*) args=${stage#step:}; python -m runners.step_bench ${args//,/ } ;;
     multigpu:*|packing:*) python -m runners.device.sweepbench "${stage%%:*}" "${stage#*:}" --util $work/gpu_util.csv ;;
     packing-mps:*) python -m runners.device.sweepbench packing "${stage#*:}" --util $work/gpu_util.csv --mps ;;
     # training under the deadline, then the export (whatever finished) outside it

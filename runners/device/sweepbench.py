@@ -3,11 +3,11 @@
 
     python -m runners.device.sweepbench multigpu SPEC --util gpu_util.csv   # one GPU, then every GPU
     python -m runners.device.sweepbench packing SPEC --util gpu_util.csv    # one GPU: a trial at a time, then packed
-    python -m runners.device.sweepbench packing SPEC --util gpu_util.csv --mps   # and packed under MPS
+    python -m runners.device.sweepbench packing SPEC --util gpu_util.csv --mps   # packed under MPS instead
 
 multigpu: speedup = wall time on one GPU / wall time on all of them (goal 0.95 x the GPU count).
 packing: speedup = wall time with one trial per GPU (gpus: 1) / with the spec's own share (goal 3x for 16
-tiny trials at 1/16); with --mps, a third run packs them under NVIDIA's Multi-Process Service (a daemon this
+tiny trials at 1/16); with --mps, the packed run is under NVIDIA's Multi-Process Service (a daemon this
 script starts and stops), which lets kernels of different processes run on the GPU at the same time where
 time-slicing runs one process's kernels at a time.
 The corpus is tokenized (cached) before the first run. Two wall times per run: `speedup` over the whole
@@ -15,7 +15,9 @@ command (driver start, Ray start and MLflow store included: 20 to 40 s that no G
 `speedup_sweep` over the sweep's own window, from the first trial submitted to the last trial ended (the
 fresh workers' start included). The busy fraction of each GPU is the mean of nvidia-smi's utilization
 samples (taken by runners/device/run.sh) inside each run's window: the share of time a kernel was running,
-not MFU.
+not MFU. Each run's trials are also timed from MLflow (medians): `start_s`, from a trial's registration to its
+first step (queueing for a free slot included, then worker start, imports, data, model), and `train_s`,
+from its first step to its end.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -41,8 +44,15 @@ from sweeps.spec import load_spec
 Window = tuple[float, float]  # wall-clock start and end, seconds since the epoch
 
 
-def run_as(spec: dict, name: str, gpus: str, env: dict | None = None) -> tuple[Window, Window]:
-    """Run a renamed copy of the spec on the given CUDA devices: the command's window and the sweep's."""
+@dataclass(frozen=True)
+class Run:
+    command: Window
+    sweep: Window  # the first trial's registration to the last trial's end
+    trials: dict[str, float]  # median seconds of each trial's start and training
+
+
+def run_as(spec: dict, name: str, gpus: str, env: dict | None = None) -> Run:
+    """Run a renamed copy of the spec on the given CUDA devices and time it."""
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec | {"name": name, "results_dir": str(folder / "results"),
@@ -54,7 +64,8 @@ def run_as(spec: dict, name: str, gpus: str, env: dict | None = None) -> tuple[W
     end = time.time()
     mlflow.set_tracking_uri(store)
     runs = trial_runs(name)
-    return (start, end), (runs.start.min(), runs.end.max())
+    trials = {"start_s": (runs.first_step - runs.start).median(), "train_s": (runs.end - runs.first_step).median()}
+    return Run((start, end), (runs.start.min(), runs.end.max()), {k: round(float(v), 2) for k, v in trials.items()})
 
 
 @contextlib.contextmanager
@@ -70,17 +81,18 @@ def mps_daemon(folder: Path):
         subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env=os.environ | env)
 
 
-def compare(benchmark: str, base_name: str, base: tuple[Window, Window], cand_name: str,
-            cand: tuple[Window, Window], util: Path, config: dict) -> None:
+def compare(benchmark: str, base_name: str, base: Run, cand_name: str, cand: Run, util: Path, config: dict) -> None:
     """Log the speedup of the candidate over the baseline, over whole commands and over sweep windows."""
-    for metric, i in (("speedup", 0), ("speedup_sweep", 1)):
-        walls = {base_name: base[i][1] - base[i][0], cand_name: cand[i][1] - cand[i][0]}
-        busy = {base_name: busy_fraction(util, base[i]), cand_name: busy_fraction(util, cand[i])}
+    trials = {base_name: base.trials, cand_name: cand.trials}
+    for metric, window in (("speedup", "command"), ("speedup_sweep", "sweep")):
+        spans = {base_name: getattr(base, window), cand_name: getattr(cand, window)}
+        walls = {name: end - start for name, (start, end) in spans.items()}
+        busy = {name: busy_fraction(util, span) for name, span in spans.items()}
         speedup = walls[base_name] / walls[cand_name]
-        append(benchmark, metric, round(speedup, 3), "x", config | {"wall_s": walls, "busy": busy,
-                                                                    "window": ("whole command", "sweep")[i]})
+        append(benchmark, metric, round(speedup, 3), "x", config | {
+            "wall_s": walls, "busy": busy, "trials": trials, "window": {"command": "whole command"}.get(window, window)})
         print(f"{benchmark} {metric}: {base_name} {walls[base_name]:.1f} s, {cand_name} {walls[cand_name]:.1f} s, "
-              f"speedup {speedup:.2f}; busy {busy}")
+              f"speedup {speedup:.2f}; busy {busy}; trials {trials}")
 
 
 def main() -> None:
@@ -88,7 +100,7 @@ def main() -> None:
     parser.add_argument("benchmark", choices=["multigpu", "packing"])
     parser.add_argument("spec", type=Path)
     parser.add_argument("--util", type=Path, required=True, help="nvidia-smi samples: timestamp, index, utilization, memory")
-    parser.add_argument("--mps", action="store_true", help="packing: also run the packed sweep under NVIDIA MPS")
+    parser.add_argument("--mps", action="store_true", help="packing: run the packed sweep under NVIDIA MPS")
     args = parser.parse_args()
     spec = yaml.safe_load(args.spec.read_text())
     name = spec["name"]
@@ -102,17 +114,13 @@ def main() -> None:
         return
     share = spec.get("resources", {}).get("gpus", "auto")
     alone = run_as(spec | {"resources": spec.get("resources", {}) | {"gpus": 1}}, f"{name}-alone", "0")
-    packed = run_as(spec, f"{name}-packed", "0")
-    config |= {"share": share, "goal": 3.0}
-    compare("packing", "one_at_a_time", alone, f"packed_{share}", packed, args.util, config)
-    if args.mps:
-        try:
-            with mps_daemon(Path(tempfile.mkdtemp(prefix="mps-"))) as env:
-                under_mps = run_as(spec, f"{name}-mps", "0", env)
-        except (OSError, subprocess.CalledProcessError) as e:
-            print(f"packing under MPS not measured: {e}")
-            return
-        compare("packing", "one_at_a_time", alone, f"packed_{share}_mps", under_mps, args.util, config | {"mps": True})
+    config |= {"share": share, "goal": 3.0, "mps": args.mps}
+    if not args.mps:
+        compare("packing", "one_at_a_time", alone, f"packed_{share}", run_as(spec, f"{name}-packed", "0"), args.util, config)
+        return
+    with mps_daemon(Path(tempfile.mkdtemp(prefix="mps-"))) as env:
+        under_mps = run_as(spec, f"{name}-mps", "0", env)
+    compare("packing", "one_at_a_time", alone, f"packed_{share}_mps", under_mps, args.util, config)
 
 
 if __name__ == "__main__":

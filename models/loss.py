@@ -1,0 +1,56 @@
+"""Cross-entropy of a linear head, in chunks of tokens, with its gradients computed in the forward pass.
+
+The plain path writes the [tokens, vocab] logits, upcasts them for the log-softmax, saves them for the
+backward and writes their gradient: for a small model with a large vocabulary that traffic is a large
+part of the step. Here each chunk's logits are made, turned into the chunk's loss and logit gradient, and
+consumed by the two gradient products at once, so the full logits never exist and a chunk small enough
+stays in L2 (the idea of Liger's fused linear cross-entropy). The backward only scales the saved
+gradients, so this is for training; evaluation keeps the plain path (no gradient to pay for).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        n = h.shape[0]
+        acc = torch.promote_types(weight.dtype, torch.float32)  # logits, loss and sums over chunks: fp32 at least
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        for start in range(0, n, chunk):
+            rows, t = h[start:start + chunk], targets[start:start + chunk]
+            logits = (rows @ weight.t()).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss = loss + (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            # d(mean loss)/d(logits) = (softmax - onehot(target)) / n
+            grad_logits = torch.exp(logits - lse[:, None]).scatter_add(
+                1, t[:, None], torch.full_like(lse[:, None], -1.0)).div(n).to(h.dtype)
+            grad_h[start:start + chunk] = grad_logits @ weight
+            grad_w += grad_logits.t() @ rows
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean cross-entropy (nats per token) of logits h @ weight.T against targets, `chunk` rows at a time.
+
+    h [N, d], weight [V, d], targets [N] int64. Products run in autocast's dtype when it is on (logits and
+    the log-softmax in fp32 either way), as the plain head and F.cross_entropy on upcast logits would."""
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    with torch.autocast(h.device.type, enabled=False):
+        return _ChunkedLinearCrossEntropy.apply(h.to(dtype), weight.to(dtype), targets, chunk)
+
+
+def plain_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of full logits [..., V] upcast to fp32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
