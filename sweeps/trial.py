@@ -129,5 +129,7 @@ class Runtime(Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile: on for CUDA, off on CPU by default")
     micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward pass; None = whole batch (gradient accumulation below it)")
+    loss_chunk: int | None = Field(8192, ge=1, description="tokens per chunk of the fused head and cross-entropy in "
+                                   "training (models.loss: full logits never exist, 20-30% less memory); None = full logits")
     checkpoint_every_s: float = Field(60.0, gt=0.0, description="seconds between checkpoints")
     max_retries: int = Field(2, ge=0, description="retries of a trial whose worker died or raised")
