@@ -33,7 +33,7 @@ import torch
 from models import ModelConfig, MoEConfig, build_model, flops_per_token
 from runners import benchlog
 from runners.step import accumulate_grads, apply_update, make_optimizer, peak_flops
-from sweeps.trial import TrainConfig
+from sweeps.trial import Runtime, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def time_step(shape: Shape, device: torch.device, compiled: bool, steps: int, wa
     `warmup` untimed ones; with `profile`, also where the GPU time of three more steps went."""
     torch.manual_seed(0)
     model = build_model(shape.model).to(device)
-    model.loss_chunk = loss_chunk
+    model.loss_chunk = loss_chunk or None
     forward = torch.compile(model, mode=mode) if compiled else model
     optimizer = make_optimizer(model, TrainConfig(tokens=1, batch_size=shape.model.seq_len, lr=1e-4), device)
     tokens = torch.randint(0, shape.model.vocab_size, (shape.micro_seqs, shape.model.seq_len + 1), device=device)
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="timed steps (default 20, quick 3)")
     parser.add_argument("--micro", type=int, help="sequences per micro-batch, instead of each shape's default")
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
-    parser.add_argument("--loss-chunk", type=int, help="tokens per chunk of the fused head and loss (models.loss)")
+    parser.add_argument("--loss-chunk", type=int, default=Runtime().loss_chunk,
+                        help="tokens per chunk of the fused head and loss (models.loss), as the trainer's default; 0: full logits")
     parser.add_argument("--head-dim", type=int, help="attention head size, instead of each shape's 64")
     parser.add_argument("--d-model", type=int, nargs="+", help="only the shapes of these widths")
     parser.add_argument("--profile", action="store_true", help="print where the timed steps' GPU time went")
