@@ -1,6 +1,7 @@
 """Benchmark of the full training step (forward, backward, clip, AdamW) that `run_trial` runs.
 
-    python -m runners.step_bench [--quick] [--steps N] [--micro SEQS] dense_step moe_step
+    python -m runners.step_bench [--quick] [--steps N] [--micro SEQS] [--accum K] [--loss-chunk TOKENS]
+        [--head-dim H] [--d-model D ...] [--profile] dense_step moe_step
 
 Each benchmark runs its shapes with and without torch.compile and appends tokens/s, MFU (exact
 training FLOPs per token x tokens/s over the device's bf16 dense peak) and peak memory to
@@ -8,17 +9,21 @@ results/benchmarks.jsonl. Batches are fixed random tokens already on the device,
 the step's alone (the trainer's data loading is a memory-mapped gather of a few hundred KB a step).
 On CPU, `--quick` times a tiny model in fp32 in a few seconds, to check that the benchmark runs.
 
-Measured 2026-11-28 on an H100 80GB HBM3 (torch 2.11, compiled, one optimizer step per micro-batch):
-d768/12L/seq1024 batch 32: 41% MFU, 0.43M tokens/s, 22 GiB; d512/8L batch 32: 36%, 1.16M, 10 GiB;
+Measured 2026-11-28 on an H100 80GB HBM3 (torch 2.11, compiled, one optimizer step per micro-batch, full
+logits): d768/12L/seq1024 batch 32: 41% MFU, 0.43M tokens/s, 22 GiB; d512/8L batch 32: 36%, 1.16M, 10 GiB;
 d256/6L/seq512 batch 128: 22%, 3.7M, 8 GiB; MoE E=8 top-2 on d512/8L batch 32: 31%, 0.67M, 16 GiB.
-Eager is about half of compiled. A profile of the d768 step (H200, batch 16) gives where the time goes: GEMMs
-53% (cuBLAS already at ~80% of peak on them; max-autotune's Triton GEMMs lost to cuBLAS on every
-shape), attention (cuDNN flash) 13%, the SwiGLU backward's memory-bound pointwise kernel 7%, RMSNorm
-backward 3%, full-vocabulary log-softmax on fp32 logits 3%, fused AdamW 4%. What would move the
-figures is in the model, not the step: a SwiGLU and RMSNorm backward fused into the GEMM epilogues,
-a chunked cross-entropy that never writes fp32 logits (most for the small d256 shape, whose 8192-way
-head is a large share of its FLOPs and bytes), and, for d256, fewer launches (CUDA graphs). Larger
-micro-batches help little past 32 x 1024 tokens (d768: 40% at 16, 43% at 32 and 64 on an H200).
+On an H200 (same compute peak, 1.4x the memory bandwidth), with the trainer's fused loss in chunks of 8,192
+tokens: d768 44.3% (18.0 GiB; 44.5% and 22.4 GiB with full logits), d512 38.6% (8.0 GiB), d256 26.0%
+(5.6 GiB), MoE 32.3% (0.80x its dense twin's tokens/s). Eager is about half of compiled.
+Where the time goes (--profile, H200): d768: matrix products 55% (cuBLAS at ~80% of peak on them), Triton
+pointwise and reduction kernels 28% (the SwiGLU backward 8%, RMSNorm backward 3%), attention (cuDNN flash)
+13%, AdamW 3%. d256: Triton kernels 46% (SwiGLU backward 11%, log-softmax forward and backward 11%), matrix
+products 36%, attention 14%. So the small shapes are bound by memory traffic between kernels, not by
+launches: CUDA graphs (compile mode reduce-overhead) made d256 slower (25.8%), and the chunked loss, which
+does the same exp and log-sum-exp work, saves memory, not time. Heads of 128 instead of 64 gave +1.3 points
+(d768 45.8%) and 4 micro-batches per optimizer step +0.7 (45.2%); max-autotune's Triton GEMMs lost to cuBLAS.
+What would move the figures further is fusing the pointwise work into the products: the SwiGLU and RMSNorm
+backward into GEMM epilogues and prologues (custom kernels, not torch.compile's).
 """
 
 from __future__ import annotations
