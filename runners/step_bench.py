@@ -20,10 +20,12 @@ pointwise and reduction kernels 28% (the SwiGLU backward 8%, RMSNorm backward 3%
 13%, AdamW 3%. d256: Triton kernels 46% (SwiGLU backward 11%, log-softmax forward and backward 11%), matrix
 products 36%, attention 14%. So the small shapes are bound by memory traffic between kernels, not by
 launches: CUDA graphs (compile mode reduce-overhead) made d256 slower (25.8%), and the chunked loss, which
-does the same exp and log-sum-exp work, saves memory, not time. Heads of 128 instead of 64 gave +1.3 points
-(d768 45.8%) and 4 micro-batches per optimizer step +0.7 (45.2%); max-autotune's Triton GEMMs lost to cuBLAS.
-What would move the figures further is fusing the pointwise work into the products: the SwiGLU and RMSNorm
-backward into GEMM epilogues and prologues (custom kernels, not torch.compile's).
+does the same exp and log-sum-exp work, saves memory, not time. Nothing else tried moved a figure beyond
+the 1 to 1.5 points that separate runs on different machines of the same kind: heads of 128 instead of 64
+(d768 45.8% in one call), 4 micro-batches per optimizer step (45.2%), both together (44.1% in another
+call); max-autotune's Triton GEMMs lost to cuBLAS. What would move the figures is fusing the pointwise work
+into the products: the SwiGLU and RMSNorm backward into GEMM epilogues and prologues (custom kernels, not
+torch.compile's).
 """
 
 from __future__ import annotations

@@ -177,7 +177,7 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
 
 def warm_workers(todo: list[tuple[PlannedTrial, Pruning | None, dict]], tracking_uri: str) -> list:
     """Start the workers the first trials will run in, and import torch, the trainer and MLflow's store in
-    them, while the driver registers those trials (seconds each for a few hundred tiny trials' workers).
+    them while the driver registers those trials, so that each trial starts training seconds sooner.
 
     One warm-up per trial that can run at once, with the first trial's CPUs and a sliver of a GPU when it
     takes a share (Ray keeps workers that held a GPU for GPU tasks); the trials then take these workers,

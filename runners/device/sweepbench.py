@@ -113,14 +113,15 @@ def main() -> None:
         compare("multigpu", "1gpu", one, f"{n}gpu", every, args.util, config | {"gpus": n, "goal": 0.95 * n})
         return
     share = spec.get("resources", {}).get("gpus", "auto")
-    alone = run_as(spec | {"resources": spec.get("resources", {}) | {"gpus": 1}}, f"{name}-alone", "0")
     config |= {"share": share, "goal": 3.0, "mps": args.mps}
-    if not args.mps:
-        compare("packing", "one_at_a_time", alone, f"packed_{share}", run_as(spec, f"{name}-packed", "0"), args.util, config)
-        return
-    with mps_daemon(Path(tempfile.mkdtemp(prefix="mps-"))) as env:
-        under_mps = run_as(spec, f"{name}-mps", "0", env)
-    compare("packing", "one_at_a_time", alone, f"packed_{share}_mps", under_mps, args.util, config)
+    alone = run_as(spec | {"resources": spec.get("resources", {}) | {"gpus": 1}}, f"{name}-alone", "0")
+    packed_name = f"packed_{share}" + ("_mps" if args.mps else "")
+    try:
+        with mps_daemon(Path(tempfile.mkdtemp(prefix="mps-"))) if args.mps else contextlib.nullcontext({}) as mps_env:
+            packed = run_as(spec, f"{name}-{packed_name}", "0", mps_env)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"packed run failed: {e}") from None
+    compare("packing", "one_at_a_time", alone, packed_name, packed, args.util, config)
 
 
 if __name__ == "__main__":
