@@ -53,8 +53,11 @@ def wait_for(predicate, timeout_s: float = 300.0, every_s: float = 0.5):
 
 
 def start_driver(spec: Path, uri: str, *extra: str):
-    """`scaling run SPEC` in its own process group (so a test can kill it and the Ray it started)."""
+    """`scaling run SPEC` in its own process group (so a test can kill it and the Ray it started), with SIGINT
+    as a terminal gives it: tests run as a background job of a script inherit SIGINT ignored, and Python keeps
+    an ignored SIGINT ignored, so Ctrl-C (a SIGINT from the test) would never reach the driver."""
     import os
+    import signal
     import subprocess
     import sys
 
@@ -63,4 +66,5 @@ def start_driver(spec: Path, uri: str, *extra: str):
     client(uri).search_experiments()  # create the store here: a test polling it while the driver migrates it would race
     env = os.environ | {"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0"}
     return subprocess.Popen([sys.executable, "-m", "runners.cli", "run", str(spec), *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -20,9 +20,6 @@ from tests.helpers import metric_steps, start_driver, tiny_spec, trial_runs, wai
 pytestmark = pytest.mark.slow
 
 LONG = {"sizes": [3000, 12000], "tokens": [200_000, 300_000]}  # trials of several seconds each
-# Ctrl-C must reach a sweep that is still running: on a loaded 2-core machine the poll that sees the first
-# checkpoint can take seconds, and trials of LONG's length had all ended (the driver exits 0) by the signal.
-LONGER = {"sizes": [3000, 12000], "tokens": [600_000, 900_000]}
 
 
 def every_point_once(runs: SweepRuns, run_id: str) -> list[int]:
@@ -129,7 +126,7 @@ def test_sigkilled_driver_rerun_trains_only_what_is_left(tmp_path, sqlite_uri):
 
 
 def test_ctrl_c_marks_running_trials_killed_and_rerun_finishes(tmp_path, sqlite_uri):
-    spec = tiny_spec(tmp_path, name="ctrlc", grid=LONGER)
+    spec = tiny_spec(tmp_path, name="ctrlc", grid=LONG)
     driver = start_driver(spec, sqlite_uri, "--no-fit")
     try:
         wait_for(lambda: running_with_checkpoint("ctrlc", sqlite_uri, tmp_path / "ckpt"), 300)
