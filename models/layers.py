@@ -1,10 +1,18 @@
-"""The dense building blocks of a LLaMA-style decoder: rotary embeddings, causal attention, SwiGLU."""
+"""The dense building blocks of a LLaMA-style decoder: rotary embeddings, causal attention, SwiGLU, and the
+dtype their products run in."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products on x run in: autocast's when it is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.layers import compute_dtype
+
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -46,7 +48,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     h [N, d], weight [V, d], targets [N] int64. Products run in autocast's dtype when it is on (logits and
     the log-softmax in fp32 either way), as the plain head and F.cross_entropy on upcast logits would."""
-    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    dtype = compute_dtype(h)
     with torch.autocast(h.device.type, enabled=False):
         return _ChunkedLinearCrossEntropy.apply(h.to(dtype), weight.to(dtype), targets, chunk)
 

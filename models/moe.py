@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import MoEConfig
-from models.layers import SwiGLU
+from models.layers import SwiGLU, compute_dtype
 
 Dispatch = Literal["auto", "grouped", "loop"]
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -109,13 +109,6 @@ def experts_loop(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor,
     return torch.cat(outs)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matrix products run in here: autocast's when it is on, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 class MoE(nn.Module):
     """FFN replaced by E*G routed SwiGLU experts of width d_ff/G (top_k*G per token) plus shared ones."""
 
@@ -134,7 +127,7 @@ class MoE(nn.Module):
         if self.dispatch != "auto":
             return self.dispatch == "grouped"
         aligned = all(s % 8 == 0 for s in self.w_down.shape[1:])  # grouped kernels need 16-byte rows
-        return HAS_GROUPED_MM and x.is_cuda and aligned and _compute_dtype(x) == torch.bfloat16
+        return HAS_GROUPED_MM and x.is_cuda and aligned and compute_dtype(x) == torch.bfloat16
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(output like x, weighted auxiliary loss, detached router statistics)."""
@@ -143,7 +136,7 @@ class MoE(nn.Module):
             logits = F.linear(x.float(), self.router.weight.float())
         routing = route(logits, self.cfg, self.training)
         order, counts, k = routing.order, routing.counts, routing.expert.shape[1]
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         # Cast before the k-fold gather, not after; index_select's backward is an index_add (advanced
         # indexing's would sort the indices again on CUDA).
         rows = torch.index_select(x.to(dtype), 0, order // k)
