@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.swiglu import swiglu
+
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matrix products on x run in: autocast's when it is on, else x's."""
@@ -58,5 +60,4 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(swiglu(self.gate_up(x)))

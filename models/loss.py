@@ -24,14 +24,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        vocab = torch.arange(weight.shape[0], device=h.device)
         for start in range(0, n, chunk):
             rows, t = h[start:start + chunk], targets[start:start + chunk]
             logits = (rows @ weight.t()).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             loss = loss + (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            # d(mean loss)/d(logits) = (softmax - onehot(target)) / n
-            grad_logits = torch.exp(logits - lse[:, None]).scatter_add(
-                1, t[:, None], torch.full_like(lse[:, None], -1.0)).div(n).to(h.dtype)
+            # d(mean loss)/d(logits) = (softmax - onehot(target)) / n, as one pointwise expression: compile
+            # fuses it into the log-sum-exp's kernel (a scatter of the -1s ended that fusion and cost another
+            # pass over the fp32 logits, 2% of a d768 step).
+            grad_logits = ((torch.exp(logits - lse[:, None]) - (vocab == t[:, None]).to(acc)) / n).to(h.dtype)
             grad_h[start:start + chunk] = grad_logits @ weight
             grad_w += grad_logits.t() @ rows
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))

@@ -19,6 +19,7 @@ from torch import nn
 
 from models.config import MoEConfig
 from models.layers import SwiGLU, compute_dtype
+from models.swiglu import swiglu
 
 Dispatch = Literal["auto", "grouped", "loop"]
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -96,16 +97,15 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 def experts_grouped(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """SwiGLU experts over rows of x sorted by expert, one grouped product per projection, no host sync."""
     offsets = torch.cumsum(counts, 0).to(torch.int32)
-    gate, up = torch._grouped_mm(x, w_gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
-    return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offsets)
+    gate_up = torch._grouped_mm(x, w_gate_up.transpose(-2, -1), offs=offsets)
+    return torch._grouped_mm(swiglu(gate_up), w_down.transpose(-2, -1), offs=offsets)
 
 
 def experts_loop(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """The same, one expert at a time: the CPU fallback and the reference (reads counts on the host)."""
     outs = []
     for i, rows in enumerate(x.split(counts.tolist())):
-        gate, up = F.linear(rows, w_gate_up[i]).chunk(2, dim=-1)
-        outs.append(F.linear(F.silu(gate) * up, w_down[i]))
+        outs.append(F.linear(swiglu(F.linear(rows, w_gate_up[i])), w_down[i]))
     return torch.cat(outs)
 
 

@@ -80,12 +80,13 @@ QUICK_SHAPES = {
 
 
 def time_step(shape: Shape, device: torch.device, compiled: bool, steps: int, warmup: int, mode: str | None = None,
-              accum: int = 1, loss_chunk: int | None = None, profile: bool = False) -> dict[str, float]:
+              accum: int = 1, loss_chunk: int | None = None, fp32_residual: bool = False, profile: bool = False
+              ) -> dict[str, float]:
     """Tokens/s, MFU and peak memory of `steps` optimizer steps (each over `accum` micro-batches) after
     `warmup` untimed ones; with `profile`, also where the GPU time of three more steps went."""
     torch.manual_seed(0)
     model = build_model(shape.model).to(device)
-    model.loss_chunk = loss_chunk or None
+    model.loss_chunk, model.fp32_residual = loss_chunk or None, fp32_residual
     forward = torch.compile(model, mode=mode) if compiled else model
     optimizer = make_optimizer(model, TrainConfig(tokens=1, batch_size=shape.model.seq_len, lr=1e-4), device)
     tokens = torch.randint(0, shape.model.vocab_size, (shape.micro_seqs, shape.model.seq_len + 1), device=device)
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
     parser.add_argument("--loss-chunk", type=int, default=Runtime().loss_chunk,
                         help="tokens per chunk of the fused head and loss (models.loss), as the trainer's default; 0: full logits")
+    parser.add_argument("--fp32-residual", action="store_true", help="the residual stream in fp32, as Runtime.fp32_residual")
     parser.add_argument("--head-dim", type=int, help="attention head size, instead of each shape's 64")
     parser.add_argument("--d-model", type=int, nargs="+", help="only the shapes of these widths")
     parser.add_argument("--profile", action="store_true", help="print where the timed steps' GPU time went")
@@ -178,13 +180,14 @@ def main(argv: list[str] | None = None) -> None:
             shape = Shape(ModelConfig.model_validate(model.model_dump()), args.micro or shape.micro_seqs)
             for compiled in compile_modes:
                 figures = time_step(shape, device, compiled, steps, warmup, args.compile_mode, args.accum,
-                                    args.loss_chunk, args.profile)
+                                    args.loss_chunk, args.fp32_residual, args.profile)
                 m = shape.model
                 config = {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
                           "seq_len": m.seq_len, "vocab": m.vocab_size, "batch": shape.micro_seqs * args.accum,
                           "micro_batch": shape.micro_seqs, "accum": args.accum,
                           "batch_tokens": shape.micro_seqs * args.accum * m.seq_len,
                           "loss": f"fused chunks of {args.loss_chunk} tokens" if args.loss_chunk else "full logits",
+                          "residual": "fp32" if args.fp32_residual or device.type != "cuda" else "bf16",
                           "compile": compiled and (args.compile_mode or True), "steps": steps,
                           "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
                           **({"experts": m.moe.n_experts, "top_k": m.moe.top_k} if m.moe else {})}
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                       {k: round(v, 4) for k, v in figures.items()}, flush=True)
                 if m.moe is not None:  # the issue's figure: MoE tokens/s over its dense twin's (same active N)
                     twin = time_step(Shape(dense_twin(m), shape.micro_seqs), device, compiled, steps, warmup,
-                                     args.compile_mode, args.accum, args.loss_chunk)
+                                     args.compile_mode, args.accum, args.loss_chunk, args.fp32_residual)
                     ratio = figures["tokens_per_s"] / twin["tokens_per_s"]
                     benchlog.append(name, "throughput_vs_dense", round(ratio, 4), "x",
                                     config | {"dense_d_ff": dense_twin(m).d_ff, "dense_tokens_per_s": round(twin["tokens_per_s"])}, args.log)

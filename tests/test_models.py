@@ -100,3 +100,24 @@ def test_a_few_steps_fit_a_repeated_batch(cfg):
         opt.step()
         losses.append(out.loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["dense", "moe"])
+@pytest.mark.parametrize("fp32_residual", [False, True])
+def test_residual_stream_dtype_under_autocast(cfg, fp32_residual):
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.fp32_residual = fp32_residual
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out[0].dtype)))
+    idx = batch(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(idx, idx)
+    out.loss.backward()
+    residual = torch.float32 if fp32_residual else torch.bfloat16
+    assert seen == [(residual, residual)] * cfg.n_layers
+    assert model.embed.weight.grad.dtype == torch.float32 and model.embed.weight.grad.abs().sum() > 0
+    fp32 = build_model(cfg)
+    fp32.load_state_dict(model.state_dict())
+    assert out.loss.item() == pytest.approx(fp32(idx, idx).loss.item(), rel=1e-2)
