@@ -46,7 +46,7 @@ class _SwiGLU(torch.autograd.Function):
 if triton is not None:
 
     @triton.jit
-    def _backward_kernel(gate_up, grad_out, grad_gate_up, hidden, BLOCK: tl.constexpr):
+    def _swiglu_backward_kernel(gate_up, grad_out, grad_gate_up, hidden, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < hidden
@@ -69,5 +69,5 @@ if triton is not None:
         if grad_out.numel() == 0:
             return grad_gate_up
         grid = (grad_out.numel() // hidden, triton.cdiv(hidden, _BLOCK))
-        torch.library.wrap_triton(_backward_kernel)[grid](gate_up, grad_out, grad_gate_up, hidden, BLOCK=_BLOCK)
+        torch.library.wrap_triton(_swiglu_backward_kernel)[grid](gate_up, grad_out, grad_gate_up, hidden, BLOCK=_BLOCK)
         return grad_gate_up

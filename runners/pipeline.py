@@ -12,6 +12,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from fitting.errors import FitInputError
 from runners import names
 from runners.collect import collect_points
 from runners.data import content_hash, prepare_data, vocab_size_of
@@ -138,10 +139,13 @@ def export(spec: SweepSpec, runs: SweepRuns) -> Path:
     produced it."""
     from fitting.export import export_laws
 
+    points = collect_points(runs, spec.fit)
+    if points.empty:
+        raise FitInputError(f"sweep {spec.name}: no trial has logged a validation loss yet, so there is nothing to "
+                            "export; train some first (`scaling run` the spec)")
     out = spec.results_dir / spec.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, default_flow_style=None))
-    points = collect_points(runs, spec.fit)
     points.to_csv(out / "points.csv", index=False)
     meta = {"sweep": spec.name, "data_content_hash": content_hash(spec.data),
             "N": spec.fit.params, "C": spec.fit.flops, "loss": "validation nats per token"}

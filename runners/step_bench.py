@@ -70,7 +70,7 @@ def dense_twin(cfg: ModelConfig) -> ModelConfig:
 # The three dense shapes (d_ff = 4 d gives its ~110M / ~34M / ~7M non-embedding parameters),
 # and an E=8 top-2 MoE on the middle one.
 GPU_SHAPES = {
-    "dense_step": [_dense(768, 12, 1024, 32768, 32), _dense(512, 8, 1024, 16384, 32), _dense(256, 6, 512, 8192, 128)],
+    "dense_step": [_dense(768, 12, 1024, 32768, 64), _dense(512, 8, 1024, 16384, 64), _dense(256, 6, 512, 8192, 256)],
     "moe_step": [_moe(512, 8, 1024, 16384, 32)],
 }
 QUICK_SHAPES = {
@@ -124,7 +124,7 @@ KERNEL_KINDS = [
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
     ("optimizer", ("adam", "multi_tensor", "foreach", "norm_kernel")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas")),
-    ("fused pointwise/reduction (Triton)", ("triton",)),
+    ("fused pointwise/reduction (Triton)", ("triton", "swiglu")),
 ]
 
 

@@ -88,6 +88,13 @@ def test_cuda_asked_on_a_cluster_without_gpus_is_one_line_exit_2(tmp_path, sqlit
     assert "runtime.device: 'cuda' but the Ray cluster has no GPUs" in capsys.readouterr().err
 
 
+def test_export_before_any_trial_trained_is_one_line_exit_2(tmp_path, sqlite_uri, capsys):
+    spec = tiny_spec(tmp_path, name="untrained")
+    assert main(["export", str(spec)]) == 2
+    assert "sweep untrained: no trial has logged a validation loss yet" in capsys.readouterr().err
+    assert not (tmp_path / "results" / "untrained").exists()
+
+
 def test_lr_and_batch_auto_take_the_law_at_each_trials_scale(tmp_path):
     """`auto` reads the hparams law at each trial's own N and C (under the spec's conventions)."""
     law = tmp_path / "law.json"

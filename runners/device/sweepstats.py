@@ -48,6 +48,8 @@ def trial_runs(sweep: str) -> pd.DataFrame:
     if experiment is None:
         raise SystemExit(f"no MLflow experiment named {sweep!r} in {mlflow.get_tracking_uri()}")
     runs = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.`{names.TAG_ROLE}` = '{names.ROLE_TRIAL}'")
+    if runs.empty:
+        raise SystemExit(f"sweep {sweep}: no trial runs in {mlflow.get_tracking_uri()}")
     client = mlflow.MlflowClient()
     # a trial that failed before its first step has no loss, one still running no end: NaN, which min/max skip
     first_step = [min((m.timestamp / 1000 for m in client.get_metric_history(r, names.TRAIN_LOSS)), default=float("nan"))
