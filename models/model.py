@@ -43,10 +43,10 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         # How it runs, not what it computes, so not part of the config. loss_chunk: tokens per chunk of the
-        # fused head and loss in training (models.loss); None: full logits. fp32_residual: keep the residual
-        # stream in fp32 under autocast rather than in its dtype, as the other activations are.
+        # fused head and loss in training (models.loss); None: full logits. bf16_residual: the residual
+        # stream in autocast's dtype, as the other activations, rather than in the parameters' fp32.
         self.loss_chunk: int | None = None
-        self.fp32_residual = False
+        self.bf16_residual = False
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model)
@@ -69,9 +69,7 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         x = self.embed(idx)
-        if not self.fp32_residual:
-            # bf16 under autocast, as Megatron-LM's and torchtitan's residual streams: the residual adds and
-            # norms move half the bytes (3 to 5% of a step on an H200). fp32 without autocast (CPU).
+        if self.bf16_residual:  # the residual adds and norms move half the bytes; without autocast, a no-op
             x = x.to(compute_dtype(x))
         aux = torch.zeros((), device=idx.device)
         router: dict[str, torch.Tensor] = {}

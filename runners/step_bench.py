@@ -1,7 +1,7 @@
 """Benchmark of the full training step (forward, backward, clip, AdamW) that `run_trial` runs.
 
     python -m runners.step_bench [--quick] [--steps N] [--micro SEQS] [--accum K] [--loss-chunk TOKENS]
-        [--head-dim H] [--d-model D ...] [--profile] dense_step moe_step
+        [--bf16-residual] [--head-dim H] [--d-model D ...] [--compile both|on|off] [--profile] dense_step moe_step
 
 Each benchmark runs its shapes with and without torch.compile and appends tokens/s, MFU (exact
 training FLOPs per token x tokens/s over the device's bf16 dense peak) and peak memory to
@@ -10,22 +10,29 @@ the step's alone (the trainer's data loading is a memory-mapped gather of a few 
 On CPU, `--quick` times a tiny model in fp32 in a few seconds, to check that the benchmark runs.
 
 Measured 2026-11-28 on an H100 80GB HBM3 (torch 2.11, compiled, one optimizer step per micro-batch, full
-logits): d768/12L/seq1024 batch 32: 41% MFU, 0.43M tokens/s, 22 GiB; d512/8L batch 32: 36%, 1.16M, 10 GiB;
-d256/6L/seq512 batch 128: 22%, 3.7M, 8 GiB; MoE E=8 top-2 on d512/8L batch 32: 31%, 0.67M, 16 GiB.
-On an H200 (same compute peak, 1.4x the memory bandwidth), with the trainer's fused loss in chunks of 8,192
-tokens: d768 44.3% (18.0 GiB; 44.5% and 22.4 GiB with full logits), d512 38.6% (8.0 GiB), d256 26.0%
-(5.6 GiB), MoE 32.3% (0.80x its dense twin's tokens/s). Eager is about half of compiled.
-Where the time goes (--profile, H200): d768: matrix products 55% (cuBLAS at ~80% of peak on them), Triton
-pointwise and reduction kernels 28% (the SwiGLU backward 8%, RMSNorm backward 3%), attention (cuDNN flash)
-13%, AdamW 3%. d256: Triton kernels 46% (SwiGLU backward 11%, log-softmax forward and backward 11%), matrix
-products 36%, attention 14%. So the small shapes are bound by memory traffic between kernels, not by
-launches: CUDA graphs (compile mode reduce-overhead) made d256 slower (25.8%), and the chunked loss, which
-does the same exp and log-sum-exp work, saves memory, not time. Nothing else tried moved a figure beyond
-the 1 to 1.5 points that separate runs on different machines of the same kind: heads of 128 instead of 64
-(d768 45.8% in one call), 4 micro-batches per optimizer step (45.2%), both together (44.1% in another
-call); max-autotune's Triton GEMMs lost to cuBLAS. What would move the figures is fusing the pointwise work
-into the products: the SwiGLU and RMSNorm backward into GEMM epilogues and prologues (custom kernels, not
-torch.compile's).
+logits, compile's own SwiGLU backward): d768/12L/seq1024 batch 32: 41% MFU, 0.43M tokens/s, 22 GiB; d512/8L
+batch 32: 36%, 1.16M, 10 GiB; d256/6L/seq512 batch 128: 22%, 3.7M, 8 GiB; MoE E=8 top-2 on d512/8L batch 32:
+31%, 0.67M, 16 GiB. No H100 was lent since; the figures below are an H200's (the same compute peak, 1.4x the
+memory bandwidth), with no two calls on the same machine: the same run moves 1 to 2 points between them.
+- Then, with the fused loss in chunks of 8,192 tokens: d768 44.3% (18.0 GiB), d512 38.6% (8.0 GiB), d256
+  26.0% (5.6 GiB). Where the time went (--profile): d768: matrix products 55% (cuBLAS, at about 71% of the
+  989 TFLOP/s peak, where a large random product reaches 80%), Triton pointwise and reduction kernels 28%
+  (SwiGLU backward alone 7.8%, at about half the copy bandwidth), attention (cuDNN flash) 13%, AdamW 3%. d256:
+  Triton 46% (SwiGLU backward 11%, log-softmax 11%), products 36%, attention 14%. Bound by memory traffic
+  between kernels, not launches: CUDA graphs (mode reduce-overhead) made d256 slower (25.8%). Within the
+  noise: heads of 128, 4 micro-batches per optimizer step, coordinate-descent tuning of the Triton kernels;
+  max-autotune's Triton GEMMs lost to cuBLAS.
+- Now (models/swiglu.py's backward kernel, 5.2 -> 2.9 ms of a d768 step; the loss's gradient in one pass):
+  at the trainer's defaults (fp32 residual), batch 32: d768 45.4%, d512 40.1%; d256 at batch 256: 30.2%
+  (5.0M tokens/s, 12.0 GiB). The default batches are now 64, 64 and 256 sequences (65K, 65K and 131K tokens:
+  small batches for these sizes), which fill the GPU better: with a bf16 residual stream
+  (--bf16-residual, 4 to 7% faster: the residual adds and norms move half the bytes) d768 49.9% (0.52M
+  tokens/s, 33 GiB), d512 44.2% (1.45M, 14.8 GiB), d256 32.2% (5.3M, 11.2 GiB); 48.1 / 42.7 / 31.6% on
+  another machine; batch 32 / 32 / 128: 47.2 / 41.9 / 27.7%. MoE (bf16 residual, batch 32): 34.4%, 0.77x
+  its dense twin. The defaults' figures at batch 64 with an fp32 residual were not measured (device time).
+  d768's profile now (bf16 residual, batch 32): products 62%, Triton kernels 15% + the SwiGLU kernel 4.6%,
+  attention 14%, AdamW 3%. What would move it next: attention (cuDNN's flash kernels; FlashAttention-3 is
+  not in torch's SDPA), and the norms and RoPE folded into the products' prologues (kernels of one's own).
 """
 
 from __future__ import annotations
@@ -80,13 +87,13 @@ QUICK_SHAPES = {
 
 
 def time_step(shape: Shape, device: torch.device, compiled: bool, steps: int, warmup: int, mode: str | None = None,
-              accum: int = 1, loss_chunk: int | None = None, fp32_residual: bool = False, profile: bool = False
+              accum: int = 1, loss_chunk: int | None = None, bf16_residual: bool = False, profile: bool = False
               ) -> dict[str, float]:
     """Tokens/s, MFU and peak memory of `steps` optimizer steps (each over `accum` micro-batches) after
     `warmup` untimed ones; with `profile`, also where the GPU time of three more steps went."""
     torch.manual_seed(0)
     model = build_model(shape.model).to(device)
-    model.loss_chunk, model.fp32_residual = loss_chunk or None, fp32_residual
+    model.loss_chunk, model.bf16_residual = loss_chunk or None, bf16_residual
     forward = torch.compile(model, mode=mode) if compiled else model
     optimizer = make_optimizer(model, TrainConfig(tokens=1, batch_size=shape.model.seq_len, lr=1e-4), device)
     tokens = torch.randint(0, shape.model.vocab_size, (shape.micro_seqs, shape.model.seq_len + 1), device=device)
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
     parser.add_argument("--loss-chunk", type=int, default=Runtime().loss_chunk,
                         help="tokens per chunk of the fused head and loss (models.loss), as the trainer's default; 0: full logits")
-    parser.add_argument("--fp32-residual", action="store_true", help="the residual stream in fp32, as Runtime.fp32_residual")
+    parser.add_argument("--bf16-residual", action="store_true", help="the residual stream in bf16, as Runtime.bf16_residual")
     parser.add_argument("--head-dim", type=int, help="attention head size, instead of each shape's 64")
     parser.add_argument("--d-model", type=int, nargs="+", help="only the shapes of these widths")
     parser.add_argument("--profile", action="store_true", help="print where the timed steps' GPU time went")
@@ -180,14 +187,14 @@ def main(argv: list[str] | None = None) -> None:
             shape = Shape(ModelConfig.model_validate(model.model_dump()), args.micro or shape.micro_seqs)
             for compiled in compile_modes:
                 figures = time_step(shape, device, compiled, steps, warmup, args.compile_mode, args.accum,
-                                    args.loss_chunk, args.fp32_residual, args.profile)
+                                    args.loss_chunk, args.bf16_residual, args.profile)
                 m = shape.model
                 config = {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
                           "seq_len": m.seq_len, "vocab": m.vocab_size, "batch": shape.micro_seqs * args.accum,
                           "micro_batch": shape.micro_seqs, "accum": args.accum,
                           "batch_tokens": shape.micro_seqs * args.accum * m.seq_len,
                           "loss": f"fused chunks of {args.loss_chunk} tokens" if args.loss_chunk else "full logits",
-                          "residual": "fp32" if args.fp32_residual or device.type != "cuda" else "bf16",
+                          "residual": "bf16" if args.bf16_residual and device.type == "cuda" else "fp32",
                           "compile": compiled and (args.compile_mode or True), "steps": steps,
                           "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
                           **({"experts": m.moe.n_experts, "top_k": m.moe.top_k} if m.moe else {})}
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                       {k: round(v, 4) for k, v in figures.items()}, flush=True)
                 if m.moe is not None:  # the issue's figure: MoE tokens/s over its dense twin's (same active N)
                     twin = time_step(Shape(dense_twin(m), shape.micro_seqs), device, compiled, steps, warmup,
-                                     args.compile_mode, args.accum, args.loss_chunk, args.fp32_residual)
+                                     args.compile_mode, args.accum, args.loss_chunk, args.bf16_residual)
                     ratio = figures["tokens_per_s"] / twin["tokens_per_s"]
                     benchlog.append(name, "throughput_vs_dense", round(ratio, 4), "x",
                                     config | {"dense_d_ff": dense_twin(m).d_ff, "dense_tokens_per_s": round(twin["tokens_per_s"])}, args.log)

@@ -111,7 +111,7 @@ class _Trainer:
         self.checkpoint_every_s = runtime.checkpoint_every_s
         torch.manual_seed(self.cfg.seed)
         self.model = build_model(trial.model, init_std=self.cfg.init_std).to(self.device)
-        self.model.loss_chunk, self.model.fp32_residual = runtime.loss_chunk, runtime.fp32_residual
+        self.model.loss_chunk, self.model.bf16_residual = runtime.loss_chunk, runtime.bf16_residual
         self.forward = torch.compile(self.model) if wants_compile(runtime, self.device) else self.model
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
         self.flops_per_token = flops_per_token(trial.model).train_exact

@@ -103,11 +103,11 @@ def test_a_few_steps_fit_a_repeated_batch(cfg):
 
 
 @pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["dense", "moe"])
-@pytest.mark.parametrize("fp32_residual", [False, True])
-def test_residual_stream_dtype_under_autocast(cfg, fp32_residual):
+@pytest.mark.parametrize("bf16_residual", [False, True])
+def test_residual_stream_dtype_under_autocast(cfg, bf16_residual):
     torch.manual_seed(0)
     model = build_model(cfg)
-    model.fp32_residual = fp32_residual
+    model.bf16_residual = bf16_residual
     seen = []
     for block in model.blocks:
         block.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out[0].dtype)))
@@ -115,7 +115,7 @@ def test_residual_stream_dtype_under_autocast(cfg, fp32_residual):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(idx, idx)
     out.loss.backward()
-    residual = torch.float32 if fp32_residual else torch.bfloat16
+    residual = torch.bfloat16 if bf16_residual else torch.float32
     assert seen == [(residual, residual)] * cfg.n_layers
     assert model.embed.weight.grad.dtype == torch.float32 and model.embed.weight.grad.abs().sum() > 0
     fp32 = build_model(cfg)
