@@ -7,6 +7,7 @@ import yaml
 
 from sweeps.errors import SpecError
 from sweeps.spec import load_spec
+from sweeps.trial import Runtime
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "sweeps" / "examples").glob("*.yaml"))
 
@@ -74,3 +75,12 @@ def test_bad_search_is_one_line(tmp_path, search, train, message):
     with pytest.raises(SpecError) as e:
         load_spec(write(tmp_path, base() | {"search": search, "train": train}))
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_readmes_full_spec_is_valid_and_shows_the_runtime_defaults(tmp_path):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("```yaml\nname: my-sweep", 1)[1].split("```", 1)[0]
+    path = tmp_path / "readme.yaml"
+    path.write_text("name: my-sweep" + block)
+    spec = load_spec(path)
+    assert spec.runtime == Runtime()
