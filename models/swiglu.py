@@ -4,8 +4,8 @@ kernel on CUDA.
 torch.compile fuses this backward into one Triton kernel over the concatenated [gate | up] gradient that
 ran at about half the GPU's copy bandwidth: 5.2 ms of a 70 ms d768 training step on an H200, the largest
 kernel that is not a matrix product. The kernel here reads gate, up and the output's gradient once and
-writes both halves of the input's gradient: 2.9 ms (runners/step_bench.py). The forward stays in torch
-ops, which compile already fuses at the copy bandwidth.
+writes both halves of the input's gradient: 2.9 ms (`dense_step_profile` in results/benchmarks.jsonl). The
+forward stays in torch ops, which compile already fuses at the copy bandwidth.
 """
 
 from __future__ import annotations

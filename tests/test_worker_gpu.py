@@ -43,6 +43,7 @@ def test_trials_run_in_the_workers_warmed_for_them(monkeypatch, sqlite_uri):
         options = {"num_cpus": 1, "num_gpus": 0.25}
         warmed = set(ray.get(warm_workers([(None, None, options)] * 3, sqlite_uri)))
         assert len(warmed) == 2
+
         def pid() -> int:
             return os.getpid()
 

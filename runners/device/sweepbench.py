@@ -84,13 +84,13 @@ def mps_daemon(folder: Path):
 def compare(benchmark: str, base_name: str, base: Run, cand_name: str, cand: Run, util: Path, config: dict) -> None:
     """Log the speedup of the candidate over the baseline, over whole commands and over sweep windows."""
     trials = {base_name: base.trials, cand_name: cand.trials}
-    for metric, window in (("speedup", "command"), ("speedup_sweep", "sweep")):
+    for metric, window, label in (("speedup", "command", "whole command"), ("speedup_sweep", "sweep", "sweep")):
         spans = {base_name: getattr(base, window), cand_name: getattr(cand, window)}
         walls = {name: end - start for name, (start, end) in spans.items()}
         busy = {name: busy_fraction(util, span) for name, span in spans.items()}
         speedup = walls[base_name] / walls[cand_name]
         append(benchmark, metric, round(speedup, 3), "x", config | {
-            "wall_s": walls, "busy": busy, "trials": trials, "window": {"command": "whole command"}.get(window, window)})
+            "wall_s": walls, "busy": busy, "trials": trials, "window": label})
         print(f"{benchmark} {metric}: {base_name} {walls[base_name]:.1f} s, {cand_name} {walls[cand_name]:.1f} s, "
               f"speedup {speedup:.2f}; busy {busy}; trials {trials}")
 
