@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from runners import names
@@ -87,7 +88,14 @@ class SweepRuns:
 
 
 def set_status(mlflow_client: MlflowClient, run_id: str, status: str, **tags: str) -> None:
-    """Our status tag, plus MLflow's own run status so the UI shows the same thing."""
+    """Our status tag, plus MLflow's own run status so the UI shows the same thing.
+
+    A busy store is tried again (see `when_available`): a lost status would show a finished trial as
+    unfinished, or stop a Ctrl-C from marking the trials it killed."""
+    when_available(lambda: _set_status(mlflow_client, run_id, status, **tags))
+
+
+def _set_status(mlflow_client: MlflowClient, run_id: str, status: str, **tags: str) -> None:
     mlflow_client.log_batch(run_id, tags=[RunTag(names.TAG_STATUS, status)] + [RunTag(k, str(v)) for k, v in tags.items()])
     mlflow_status = {
         names.PENDING: RunStatus.SCHEDULED, names.RUNNING: RunStatus.RUNNING, names.FINISHED: RunStatus.FINISHED,
@@ -98,6 +106,21 @@ def set_status(mlflow_client: MlflowClient, run_id: str, status: str, **tags: st
         mlflow_client.update_run(run_id, status=RunStatus.to_string(mlflow_status))
     else:
         mlflow_client.set_terminated(run_id, status=RunStatus.to_string(mlflow_status))
+
+
+def when_available(write, patience_s: float = 300.0):
+    """`write()`, tried again while the store answers that it is busy: a sqlite file locked by other
+    writers past MLflow's 20 s busy timeout (every trial of a sweep writes to it), or a server under load."""
+    deadline = time.monotonic() + patience_s
+    delay = 1.0
+    while True:
+        try:
+            return write()
+        except MlflowException as e:
+            if e.error_code != "TEMPORARILY_UNAVAILABLE" or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 15.0)
 
 
 class MlflowSink:

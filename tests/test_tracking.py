@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+import time
+
 import pytest
 
 from runners import names
@@ -23,6 +27,20 @@ def test_runs_are_found_again_not_duplicated(sqlite_uri):
     set_status(again.client, first, names.FINISHED)
     assert again.runs()["abc"].data.tags[names.TAG_STATUS] == names.FINISHED
     assert again.client.get_run(first).info.status == "FINISHED"
+
+
+def test_status_waits_out_a_store_locked_past_mlflows_busy_timeout(sqlite_uri):
+    """Another writer holds the sqlite file for 25 s (MLflow itself gives up after 20 s): the status still lands."""
+    runs = SweepRuns("s", sqlite_uri)
+    run_id = runs.trial_run("abc", {})
+    holder = sqlite3.connect(sqlite_uri.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    threading.Timer(25.0, holder.rollback).start()
+    started = time.monotonic()
+    set_status(runs.client, run_id, names.KILLED)
+    assert time.monotonic() - started > 25.0
+    assert runs.runs()["abc"].data.tags[names.TAG_STATUS] == names.KILLED
+    holder.close()
 
 
 def test_resumed_sink_stores_each_point_once(sqlite_uri):
