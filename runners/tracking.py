@@ -78,8 +78,12 @@ class SweepRuns:
 
     def trial_run(self, trial_id: str, params: dict[str, str], *, role: str = names.ROLE_TRIAL,
                   tags: dict[str, str] | None = None, run_name: str | None = None) -> str:
-        """The run of a trial (or branch), created with its params the first time."""
-        run_id = self._find_or_create(role, trial_id, run_name or trial_id, tags or {})
+        """The run of a trial (or branch), created with its params the first time. Safe to repeat, so a busy
+        store is tried again (the driver registers trials while others run and write)."""
+        return when_available(lambda: self._trial_run(trial_id, params, role, tags or {}, run_name or trial_id))
+
+    def _trial_run(self, trial_id: str, params: dict[str, str], role: str, tags: dict[str, str], run_name: str) -> str:
+        run_id = self._find_or_create(role, trial_id, run_name, tags)
         logged = self.client.get_run(run_id).data.params
         todo = [Param(k, v[:6000]) for k, v in params.items() if k not in logged]
         for i in range(0, len(todo), PARAMS_PER_REQUEST):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -29,17 +30,23 @@ def test_runs_are_found_again_not_duplicated(sqlite_uri):
     assert again.client.get_run(first).info.status == "FINISHED"
 
 
-def test_status_waits_out_a_store_locked_past_mlflows_busy_timeout(sqlite_uri):
-    """Another writer holds the sqlite file for 25 s (MLflow itself gives up after 20 s): the status still lands."""
+def test_writes_wait_out_a_store_locked_past_mlflows_busy_timeout(sqlite_uri):
+    """Another writer holds the sqlite file for 25 s (MLflow itself gives up after 20 s): a trial's status
+    and a new trial's registration, both started meanwhile, still land."""
     runs = SweepRuns("s", sqlite_uri)
     run_id = runs.trial_run("abc", {})
     holder = sqlite3.connect(sqlite_uri.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN EXCLUSIVE")
     threading.Timer(25.0, holder.rollback).start()
     started = time.monotonic()
-    set_status(runs.client, run_id, names.KILLED)
+    with ThreadPoolExecutor() as pool:
+        status = pool.submit(set_status, runs.client, run_id, names.KILLED)
+        new = pool.submit(runs.trial_run, "new", {"x": "1"})
+        status.result(), new.result()
     assert time.monotonic() - started > 25.0
-    assert runs.runs()["abc"].data.tags[names.TAG_STATUS] == names.KILLED
+    found = runs.runs()
+    assert found["abc"].data.tags[names.TAG_STATUS] == names.KILLED
+    assert found["new"].data.params == {"x": "1"}
     holder.close()
 
 
