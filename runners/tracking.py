@@ -7,6 +7,7 @@ one run per trial however often Ray retries it. Workers only log into the run th
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -21,6 +22,7 @@ from runners import names
 
 BATCH = 1000  # MLflow's limit of metrics per log_batch request
 PARAMS_PER_REQUEST = 100
+log = logging.getLogger(__name__)
 
 
 def tracking_uri() -> str:
@@ -112,6 +114,17 @@ def _set_status(mlflow_client: MlflowClient, run_id: str, status: str, **tags: s
         mlflow_client.set_terminated(run_id, status=RunStatus.to_string(mlflow_status))
 
 
+class _LockedSqliteInOneLine(logging.Filter):
+    """MLflow logs each locked-sqlite error with its traceback before raising it; the error still reaches
+    the caller (and when_available says in one line that it waits), so the traceback is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "database is locked" not in record.getMessage()
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_LockedSqliteInOneLine())
+
+
 def when_available(write, patience_s: float = 300.0):
     """`write()`, tried again while the store answers that it is busy: a sqlite file locked by other
     writers past MLflow's 20 s busy timeout (every trial of a sweep writes to it), or a server under load."""
@@ -123,6 +136,7 @@ def when_available(write, patience_s: float = 300.0):
         except MlflowException as e:
             if e.error_code != "TEMPORARILY_UNAVAILABLE" or time.monotonic() > deadline:
                 raise
+            log.warning("tracking store busy (%s); trying again in %.0f s", str(e.message).splitlines()[0], delay)
         time.sleep(delay)
         delay = min(delay * 2, 15.0)
 

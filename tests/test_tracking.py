@@ -30,9 +30,10 @@ def test_runs_are_found_again_not_duplicated(sqlite_uri):
     assert again.client.get_run(first).info.status == "FINISHED"
 
 
-def test_writes_wait_out_a_store_locked_past_mlflows_busy_timeout(sqlite_uri):
+def test_writes_wait_out_a_store_locked_past_mlflows_busy_timeout(sqlite_uri, capfd, caplog):
     """Another writer holds the sqlite file for 25 s (MLflow itself gives up after 20 s): a trial's status
-    and a new trial's registration, both started meanwhile, still land."""
+    and a new trial's registration, both started meanwhile, still land, and the wait shows as one line each
+    time, not as MLflow's traceback."""
     runs = SweepRuns("s", sqlite_uri)
     run_id = runs.trial_run("abc", {})
     holder = sqlite3.connect(sqlite_uri.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False)
@@ -48,6 +49,10 @@ def test_writes_wait_out_a_store_locked_past_mlflows_busy_timeout(sqlite_uri):
     assert found["abc"].data.tags[names.TAG_STATUS] == names.KILLED
     assert found["new"].data.params == {"x": "1"}
     holder.close()
+    waits = [r.getMessage() for r in caplog.records if r.name == "runners.tracking"]
+    assert len(waits) >= 2 and all(w.startswith("tracking store busy ((sqlite3.OperationalError) database is locked)")
+                                   for w in waits)
+    assert "database is locked" not in capfd.readouterr().err  # MLflow's own log of it, with its traceback
 
 
 def test_resumed_sink_stores_each_point_once(sqlite_uri):
