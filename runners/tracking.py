@@ -136,7 +136,7 @@ def when_available(write, patience_s: float = 300.0):
         except MlflowException as e:
             if e.error_code != "TEMPORARILY_UNAVAILABLE" or time.monotonic() > deadline:
                 raise
-            log.warning("tracking store busy (%s); trying again in %.0f s", str(e.message).splitlines()[0], delay)
+            log.warning("tracking store busy (%s); trying again in %.0f s", e.message.partition("\n")[0], delay)
         time.sleep(delay)
         delay = min(delay * 2, 15.0)
 

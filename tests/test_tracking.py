@@ -43,7 +43,8 @@ def test_writes_wait_out_a_store_locked_past_mlflows_busy_timeout(sqlite_uri, ca
     with ThreadPoolExecutor() as pool:
         status = pool.submit(set_status, runs.client, run_id, names.KILLED)
         new = pool.submit(runs.trial_run, "new", {"x": "1"})
-        status.result(), new.result()
+        status.result()
+        new.result()
     assert time.monotonic() - started > 25.0
     found = runs.runs()
     assert found["abc"].data.tags[names.TAG_STATUS] == names.KILLED
