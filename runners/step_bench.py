@@ -1,7 +1,7 @@
 """Benchmark of the full training step (forward, backward, clip, AdamW) that `run_trial` runs.
 
     python -m runners.step_bench [--quick] [--steps N] [--micro SEQS] [--accum K] [--loss-chunk TOKENS]
-        [--bf16-residual] [--head-dim H] [--d-model D ...] [--compile both|on|off] [--profile] dense_step moe_step
+        [--residual bf16|fp32] [--head-dim H] [--d-model D ...] [--compile both|on|off] [--profile] dense_step moe_step
 
 Each benchmark runs its shapes with and without torch.compile and appends tokens/s, MFU (exact
 training FLOPs per token x tokens/s over the device's bf16 dense peak) and peak memory to
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
     parser.add_argument("--loss-chunk", type=int, default=Runtime().loss_chunk,
                         help="tokens per chunk of the fused head and loss (models.loss), as the trainer's default; 0: full logits")
-    parser.add_argument("--bf16-residual", action="store_true", help="the residual stream in bf16, as Runtime.bf16_residual")
+    parser.add_argument("--residual", choices=["bf16", "fp32"], default="bf16" if Runtime().bf16_residual else "fp32",
+                        help="the residual stream's dtype under autocast (Runtime.bf16_residual), as the trainer's default")
     parser.add_argument("--head-dim", type=int, help="attention head size, instead of each shape's 64")
     parser.add_argument("--d-model", type=int, nargs="+", help="only the shapes of these widths")
     parser.add_argument("--profile", action="store_true", help="print where the timed steps' GPU time went")
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: default)")
     parser.add_argument("--log", type=Path, default=benchlog.LOG, help="the JSON-lines file to append to")
     args = parser.parse_args(argv)
+    bf16_residual = args.residual == "bf16"
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -187,14 +189,14 @@ def main(argv: list[str] | None = None) -> None:
             shape = Shape(ModelConfig.model_validate(model.model_dump()), args.micro or shape.micro_seqs)
             for compiled in compile_modes:
                 figures = time_step(shape, device, compiled, steps, warmup, args.compile_mode, args.accum,
-                                    args.loss_chunk, args.bf16_residual, args.profile)
+                                    args.loss_chunk, bf16_residual, args.profile)
                 m = shape.model
                 config = {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
                           "seq_len": m.seq_len, "vocab": m.vocab_size, "batch": shape.micro_seqs * args.accum,
                           "micro_batch": shape.micro_seqs, "accum": args.accum,
                           "batch_tokens": shape.micro_seqs * args.accum * m.seq_len,
                           "loss": f"fused chunks of {args.loss_chunk} tokens" if args.loss_chunk else "full logits",
-                          "residual": "bf16" if args.bf16_residual and device.type == "cuda" else "fp32",
+                          "residual": args.residual if device.type == "cuda" else "fp32",
                           "compile": compiled and (args.compile_mode or True), "steps": steps,
                           "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
                           **({"experts": m.moe.n_experts, "top_k": m.moe.top_k} if m.moe else {})}
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
                       {k: round(v, 4) for k, v in figures.items()}, flush=True)
                 if m.moe is not None:  # the issue's figure: MoE tokens/s over its dense twin's (same active N)
                     twin = time_step(Shape(dense_twin(m), shape.micro_seqs), device, compiled, steps, warmup,
-                                     args.compile_mode, args.accum, args.loss_chunk, args.bf16_residual)
+                                     args.compile_mode, args.accum, args.loss_chunk, bf16_residual)
                     ratio = figures["tokens_per_s"] / twin["tokens_per_s"]
                     benchlog.append(name, "throughput_vs_dense", round(ratio, 4), "x",
                                     config | {"dense_d_ff": dense_twin(m).d_ff, "dense_tokens_per_s": round(twin["tokens_per_s"])}, args.log)
