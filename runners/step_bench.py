@@ -22,17 +22,18 @@ memory bandwidth), with no two calls on the same machine: the same run moves 1 t
   between kernels, not launches: CUDA graphs (mode reduce-overhead) made d256 slower (25.8%). Within the
   noise: heads of 128, 4 micro-batches per optimizer step, coordinate-descent tuning of the Triton kernels;
   max-autotune's Triton GEMMs lost to cuBLAS.
-- Now (models/swiglu.py's backward kernel, 5.2 -> 2.9 ms of a d768 step; the loss's gradient in one pass):
-  at the trainer's defaults (fp32 residual), batch 32: d768 45.4%, d512 40.1%; d256 at batch 256: 30.2%
-  (5.0M tokens/s, 12.0 GiB). The default batches are now 64, 64 and 256 sequences (65K, 65K and 131K tokens:
-  small batches for these sizes), which fill the GPU better: with a bf16 residual stream
-  (--bf16-residual, 4 to 7% faster: the residual adds and norms move half the bytes) d768 49.9% (0.52M
-  tokens/s, 33 GiB), d512 44.2% (1.45M, 14.8 GiB), d256 32.2% (5.3M, 11.2 GiB); 48.1 / 42.7 / 31.6% on
-  another machine; batch 32 / 32 / 128: 47.2 / 41.9 / 27.7%. MoE (bf16 residual, batch 32): 34.4%, 0.77x
-  its dense twin. The defaults' figures at batch 64 with an fp32 residual were not measured (device time).
-  d768's profile now (bf16 residual, batch 32): products 62%, Triton kernels 15% + the SwiGLU kernel 4.6%,
-  attention 14%, AdamW 3%. What would move it next: attention (cuDNN's flash kernels; FlashAttention-3 is
-  not in torch's SDPA), and the norms and RoPE folded into the products' prologues (kernels of one's own).
+- Then models/swiglu.py's backward kernel (5.2 -> 2.9 ms of a d768 step) and the loss's gradient in one pass,
+  and the default batches raised to 64, 64 and 256 sequences (65K, 65K and 131K tokens, still small batches
+  for these sizes), which fill the GPU better than 32 / 32 / 128 (d768 47.2 -> 49.9% with a bf16 residual).
+- Now, at the trainer's defaults (a bf16 residual stream since 0e160d1: the residual adds and norms move half
+  the bytes; results/residual_bf16 shows it gives the same losses): on one machine d768 49.8% (0.52M tokens/s,
+  33.2 GiB), d512 44.0% (1.44M, 14.8 GiB), d256 32.1% (5.3M, 11.2 GiB), and with `--residual fp32` there 47.9 /
+  42.1 / 29.9%; d768 50.0% on a second machine, 49.9% and 48.1% on two earlier ones. d768 at batch 128 (131K
+  tokens): 50.8%, 63.7 GiB. MoE (batch 32): 34.4%, 0.77x its dense twin. d768's profile (fp32 residual, batch
+  64): products 60%, Triton kernels 24% (norms, RoPE, residual adds, the loss's softmax; the
+  SwiGLU kernel 4.6%), attention 14% (cuDNN's flash backward alone 9%), AdamW 1.5%; a bf16 residual takes
+  the Triton share to about 20%. What would move it next: attention (FlashAttention-3 is not in torch's
+  SDPA), and the norms and RoPE folded into the products' prologues (kernels of one's own).
 """
 
 from __future__ import annotations
