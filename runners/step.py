@@ -40,6 +40,14 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def numerics(runtime: Runtime, device: torch.device) -> str:
+    """How a trial computes on `device`, as its MLflow tag shows it: precision, residual stream, compile."""
+    how = "compiled" if wants_compile(runtime, device) else "eager"
+    if device.type == "cuda":
+        return f"bf16 autocast, {'bf16' if runtime.bf16_residual else 'fp32'} residual stream, {how}"
+    return f"fp32, {how}"
+
+
 def peak_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak in FLOP/s, or None for a CPU or a GPU not in the table."""
     if device.type != "cuda":

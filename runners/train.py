@@ -41,7 +41,7 @@ from models import build_model, flops_per_token
 from runners import checkpoint, names
 from runners.data import TokenData
 from runners.schedule import Plan, TrialSetupError, lr_at, plan_trial
-from runners.step import (Batch, accumulate_grads, apply_update, evaluate, make_optimizer, peak_flops,
+from runners.step import (Batch, accumulate_grads, apply_update, evaluate, make_optimizer, numerics, peak_flops,
                           pick_device, wants_compile)
 from runners.trial_result import BranchResult, TrialResult
 from sweeps.trial import Runtime, TrialConfig
@@ -113,6 +113,7 @@ class _Trainer:
         self.model = build_model(trial.model, init_std=self.cfg.init_std).to(self.device)
         self.model.loss_chunk, self.model.bf16_residual = runtime.loss_chunk, runtime.bf16_residual
         self.forward = torch.compile(self.model) if wants_compile(runtime, self.device) else self.model
+        self.numerics = numerics(runtime, self.device)
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
         self.flops_per_token = flops_per_token(trial.model).train_exact
         self.peak = peak_flops(self.device)
@@ -349,4 +350,5 @@ class _Trainer:
             repeats_data=self.data.epochs(tokens, self.trial.model.seq_len) > 1.0,
             diverged_at_tokens=diverged_at, error=error, tokens_per_s=tokens_per_s,
             mfu=self.flops_per_token * tokens_per_s / self.peak if self.peak and tokens_per_s else None,
+            numerics=self.numerics,
         )

@@ -123,7 +123,7 @@ def run_job(job: TrialJob, on_eval=None) -> dict:
     for end, run_id in job.branch_run_ids.items():
         # A branch that never ran (its trial diverged or was pruned first) shares its trial's fate.
         set_status(mlflow, run_id, names.FINISHED if end in finished else result.status)
-    extra = {names.TAG_REPEATS_DATA: str(result.repeats_data).lower()}
+    extra = {names.TAG_REPEATS_DATA: str(result.repeats_data).lower(), names.TAG_NUMERICS: result.numerics}
     if result.diverged_at_tokens is not None:
         extra[names.TAG_DIVERGED_STEP] = str(result.diverged_at_tokens)
     if result.error:

@@ -62,6 +62,7 @@ def test_run_twice_trains_once_and_exports_the_same_law(tmp_path, sqlite_uri, lo
     runs = SweepRuns("e2e", sqlite_uri)
     trials = runs.runs(names.ROLE_TRIAL)
     assert len(trials) == 6 and {r.data.tags[names.TAG_STATUS] for r in trials.values()} == {names.FINISHED}
+    assert {r.data.tags[names.TAG_NUMERICS] for r in trials.values()} == {"fp32, eager"}  # what CPU trials ran with
     results = tmp_path / "results" / "e2e"
     law = json.loads((results / "law.json").read_text())
     points = pd.read_csv(results / "points.csv")
