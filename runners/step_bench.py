@@ -28,12 +28,13 @@ memory bandwidth), with no two calls on the same machine: the same run moves 1 t
 - Now, at the trainer's defaults (a bf16 residual stream since 0e160d1: the residual adds and norms move half
   the bytes; results/residual_bf16 shows it gives the same losses): on one machine d768 49.8% (0.52M tokens/s,
   33.2 GiB), d512 44.0% (1.44M, 14.8 GiB), d256 32.1% (5.3M, 11.2 GiB), and with `--residual fp32` there 47.9 /
-  42.1 / 29.9%; d768 50.0% on a second machine, 49.9% and 48.1% on two earlier ones. d768 at batch 128 (131K
-  tokens): 50.8%, 63.7 GiB. MoE (batch 32): 34.4%, 0.77x its dense twin. d768's profile (fp32 residual, batch
-  64): products 60%, Triton kernels 24% (norms, RoPE, residual adds, the loss's softmax; the
-  SwiGLU kernel 4.6%), attention 14% (cuDNN's flash backward alone 9%), AdamW 1.5%; a bf16 residual takes
-  the Triton share to about 20%. What would move it next: attention (FlashAttention-3 is not in torch's
-  SDPA), and the norms and RoPE folded into the products' prologues (kernels of one's own).
+  42.1 / 29.9%; d768 50.0% and 48.6% on two more machines, 49.9% and 48.1% on two earlier ones. d768 at batch
+  128 (131K tokens): 50.8%, 63.7 GiB. The loss in chunks of 16K or 32K tokens instead of 8K: no change (48.6%
+  all three, one machine). MoE (batch 32): 34.4%, 0.77x its dense twin. d768's profile (fp32 residual, batch
+  64): products 60%, Triton kernels 24% (norms, RoPE, residual adds, the loss's softmax; the SwiGLU kernel
+  4.6%), attention 14% (cuDNN's flash backward alone 9%), AdamW 1.5%; a bf16 residual takes the Triton share
+  to about 20%. What would move it next: attention (FlashAttention-3 is not in torch's SDPA), and the norms
+  and RoPE folded into the products' prologues (kernels of one's own).
 """
 
 from __future__ import annotations
