@@ -11,8 +11,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
@@ -23,6 +24,7 @@ from runners import names
 BATCH = 1000  # MLflow's limit of metrics per log_batch request
 PARAMS_PER_REQUEST = 100
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def tracking_uri() -> str:
@@ -125,7 +127,7 @@ class _LockedSqliteInOneLine(logging.Filter):
 logging.getLogger("mlflow.store.db.utils").addFilter(_LockedSqliteInOneLine())
 
 
-def when_available(write, patience_s: float = 300.0):
+def when_available(write: Callable[[], T], patience_s: float = 300.0) -> T:
     """`write()`, tried again while the store answers that it is busy: a sqlite file locked by other
     writers past MLflow's 20 s busy timeout (every trial of a sweep writes to it), or a server under load."""
     deadline = time.monotonic() + patience_s
