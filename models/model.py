@@ -55,6 +55,11 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         self._init(init_std)
 
+    def use_flash4(self, on: bool) -> None:
+        """Attention through FlashAttention-4 (models.flash4) rather than SDPA; how it runs, not what."""
+        for block in self.blocks:
+            block.attn.flash4 = on
+
     @torch.no_grad()
     def _init(self, std: float) -> None:
         """normal(0, std) everywhere; projections into the residual stream scaled by 1/sqrt(2 n_layers)

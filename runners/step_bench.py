@@ -89,13 +89,14 @@ QUICK_SHAPES = {
 
 
 def time_step(shape: Shape, device: torch.device, compiled: bool, steps: int, warmup: int, mode: str | None = None,
-              accum: int = 1, loss_chunk: int | None = None, bf16_residual: bool = False, profile: bool = False
-              ) -> dict[str, float]:
+              accum: int = 1, loss_chunk: int | None = None, bf16_residual: bool = False, profile: bool = False,
+              flash4: bool = False) -> dict[str, float]:
     """Tokens/s, MFU and peak memory of `steps` optimizer steps (each over `accum` micro-batches) after
     `warmup` untimed ones; with `profile`, also where the GPU time of three more steps went."""
     torch.manual_seed(0)
     model = build_model(shape.model).to(device)
     model.loss_chunk, model.bf16_residual = loss_chunk or None, bf16_residual
+    model.use_flash4(flash4)
     forward = torch.compile(model, mode=mode) if compiled else model
     optimizer = make_optimizer(model, TrainConfig(tokens=1, batch_size=shape.model.seq_len, lr=1e-4), device)
     tokens = torch.randint(0, shape.model.vocab_size, (shape.micro_seqs, shape.model.seq_len + 1), device=device)
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="tokens per chunk of the fused head and loss (models.loss), as the trainer's default; 0: full logits")
     parser.add_argument("--residual", choices=["bf16", "fp32"], default="bf16" if Runtime().bf16_residual else "fp32",
                         help="the residual stream's dtype under autocast (Runtime.bf16_residual), as the trainer's default")
+    parser.add_argument("--attention", choices=["sdpa", "flash4"], default="sdpa",
+                        help="torch's SDPA (cuDNN's flash attention on Hopper) or FlashAttention-4 (models.flash4)")
     parser.add_argument("--head-dim", type=int, help="attention head size, instead of each shape's 64")
     parser.add_argument("--d-model", type=int, nargs="+", help="only the shapes of these widths")
     parser.add_argument("--profile", action="store_true", help="print where the timed steps' GPU time went")
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             shape = Shape(ModelConfig.model_validate(model.model_dump()), args.micro or shape.micro_seqs)
             for compiled in compile_modes:
                 figures = time_step(shape, device, compiled, steps, warmup, args.compile_mode, args.accum,
-                                    args.loss_chunk, bf16_residual, args.profile)
+                                    args.loss_chunk, bf16_residual, args.profile, args.attention == "flash4")
                 m = shape.model
                 config = {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
                           "seq_len": m.seq_len, "vocab": m.vocab_size, "batch": shape.micro_seqs * args.accum,
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
                           "batch_tokens": shape.micro_seqs * args.accum * m.seq_len,
                           "loss": f"fused chunks of {args.loss_chunk} tokens" if args.loss_chunk else "full logits",
                           "residual": args.residual if device.type == "cuda" else "fp32",
+                          **({"attention": "flash4"} if args.attention == "flash4" else {}),
                           "compile": compiled and (args.compile_mode or True), "steps": steps,
                           "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
                           **({"experts": m.moe.n_experts, "top_k": m.moe.top_k} if m.moe else {})}
@@ -209,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
                       {k: round(v, 4) for k, v in figures.items()}, flush=True)
                 if m.moe is not None:  # the issue's figure: MoE tokens/s over its dense twin's (same active N)
                     twin = time_step(Shape(dense_twin(m), shape.micro_seqs), device, compiled, steps, warmup,
-                                     args.compile_mode, args.accum, args.loss_chunk, bf16_residual)
+                                     args.compile_mode, args.accum, args.loss_chunk, bf16_residual,
+                                     flash4=args.attention == "flash4")
                     ratio = figures["tokens_per_s"] / twin["tokens_per_s"]
                     benchlog.append(name, "throughput_vs_dense", round(ratio, 4), "x",
                                     config | {"dense_d_ff": dense_twin(m).d_ff, "dense_tokens_per_s": round(twin["tokens_per_s"])}, args.log)
