@@ -13,9 +13,11 @@ import importlib.util
 import torch
 
 
-def available(device: torch.device) -> bool:
-    """flash-attn-4 installed and `device` a Hopper or Blackwell GPU (compute capability 9 or 10)."""
+def available(device: torch.device, head_dim: int) -> bool:
+    """flash-attn-4 installed, `device` a Hopper or Blackwell GPU (compute capability 9 or 10), and heads of a
+    size its kernels take (a multiple of 8, at most 256)."""
     return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
+            and head_dim % 8 == 0 and 8 <= head_dim <= 256
             and importlib.util.find_spec("flash_attn") is not None
             and importlib.util.find_spec("flash_attn.cute") is not None)
 

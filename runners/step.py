@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from models import ModelConfig, flash4
 from runners.schedule import TrialSetupError
 from sweeps.trial import Runtime, TrainConfig
 
@@ -40,11 +41,25 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def numerics(runtime: Runtime, device: torch.device) -> str:
-    """How a trial computes on `device`, as its MLflow tag shows it: precision, residual stream, compile."""
+def wants_flash4(runtime: Runtime, device: torch.device, model: ModelConfig) -> bool:
+    """FlashAttention-4 when asked for, or on 'auto' where it runs (models.flash4); else torch's SDPA."""
+    if runtime.attention == "sdpa":
+        return False
+    if flash4.available(device, model.d_model // model.n_heads):
+        return True
+    if runtime.attention == "flash4":
+        raise TrialSetupError("runtime.attention: 'flash4' needs a Hopper or Blackwell GPU, flash-attn-4 (pip install "
+                              "'scaling-harness[flash4]') and heads of a multiple of 8 up to 256; use 'auto' or 'sdpa'")
+    return False
+
+
+def numerics(runtime: Runtime, device: torch.device, model: ModelConfig) -> str:
+    """How a trial computes on `device`, as its MLflow tag shows it: precision, residual stream, attention
+    kernel, compile."""
     how = "compiled" if wants_compile(runtime, device) else "eager"
     if device.type == "cuda":
-        return f"bf16 autocast, {'bf16' if runtime.bf16_residual else 'fp32'} residual stream, {how}"
+        attention = "FlashAttention-4" if wants_flash4(runtime, device, model) else "SDPA attention"
+        return f"bf16 autocast, {'bf16' if runtime.bf16_residual else 'fp32'} residual stream, {attention}, {how}"
     return f"fp32, {how}"
 
 

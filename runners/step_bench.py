@@ -1,7 +1,7 @@
 """Benchmark of the full training step (forward, backward, clip, AdamW) that `run_trial` runs.
 
     python -m runners.step_bench [--quick] [--steps N] [--micro SEQS] [--accum K] [--loss-chunk TOKENS]
-        [--residual bf16|fp32] [--head-dim H] [--d-model D ...] [--compile both|on|off] [--profile] dense_step moe_step
+        [--residual bf16|fp32] [--attention auto|sdpa|flash4] [--head-dim H] [--d-model D ...] [--compile both|on|off] [--profile] dense_step moe_step
 
 Each benchmark runs its shapes with and without torch.compile and appends tokens/s, MFU (exact
 training FLOPs per token x tokens/s over the device's bf16 dense peak) and peak memory to
@@ -48,7 +48,8 @@ import torch
 
 from models import ModelConfig, MoEConfig, build_model, flops_per_token
 from runners import benchlog
-from runners.step import accumulate_grads, apply_update, make_optimizer, peak_flops
+from runners.schedule import TrialSetupError
+from runners.step import accumulate_grads, apply_update, make_optimizer, peak_flops, wants_flash4
 from sweeps.trial import Runtime, TrainConfig
 
 
@@ -167,8 +168,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="tokens per chunk of the fused head and loss (models.loss), as the trainer's default; 0: full logits")
     parser.add_argument("--residual", choices=["bf16", "fp32"], default="bf16" if Runtime().bf16_residual else "fp32",
                         help="the residual stream's dtype under autocast (Runtime.bf16_residual), as the trainer's default")
-    parser.add_argument("--attention", choices=["sdpa", "flash4"], default="sdpa",
-                        help="torch's SDPA (cuDNN's flash attention on Hopper) or FlashAttention-4 (models.flash4)")
+    parser.add_argument("--attention", choices=["auto", "sdpa", "flash4"], default=Runtime().attention,
+                        help="the attention kernel (Runtime.attention), as the trainer's default")
     parser.add_argument("--head-dim", type=int, help="attention head size, instead of each shape's 64")
     parser.add_argument("--d-model", type=int, nargs="+", help="only the shapes of these widths")
     parser.add_argument("--profile", action="store_true", help="print where the timed steps' GPU time went")
@@ -192,9 +193,13 @@ def main(argv: list[str] | None = None) -> None:
             if args.head_dim:
                 model = model.model_copy(update={"n_heads": model.d_model // args.head_dim})
             shape = Shape(ModelConfig.model_validate(model.model_dump()), args.micro or shape.micro_seqs)
+            try:
+                flash4 = wants_flash4(Runtime(attention=args.attention), device, shape.model)
+            except TrialSetupError as e:
+                parser.error(str(e))
             for compiled in compile_modes:
                 figures = time_step(shape, device, compiled, steps, warmup, args.compile_mode, args.accum,
-                                    args.loss_chunk, bf16_residual, args.profile, args.attention == "flash4")
+                                    args.loss_chunk, bf16_residual, args.profile, flash4)
                 m = shape.model
                 config = {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
                           "seq_len": m.seq_len, "vocab": m.vocab_size, "batch": shape.micro_seqs * args.accum,
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
                           "batch_tokens": shape.micro_seqs * args.accum * m.seq_len,
                           "loss": f"fused chunks of {args.loss_chunk} tokens" if args.loss_chunk else "full logits",
                           "residual": args.residual if device.type == "cuda" else "fp32",
-                          **({"attention": "flash4"} if args.attention == "flash4" else {}),
+                          "attention": "flash4" if flash4 else "sdpa",
                           "compile": compiled and (args.compile_mode or True), "steps": steps,
                           "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
                           **({"experts": m.moe.n_experts, "top_k": m.moe.top_k} if m.moe else {})}
@@ -213,8 +218,7 @@ def main(argv: list[str] | None = None) -> None:
                       {k: round(v, 4) for k, v in figures.items()}, flush=True)
                 if m.moe is not None:  # the issue's figure: MoE tokens/s over its dense twin's (same active N)
                     twin = time_step(Shape(dense_twin(m), shape.micro_seqs), device, compiled, steps, warmup,
-                                     args.compile_mode, args.accum, args.loss_chunk, bf16_residual,
-                                     flash4=args.attention == "flash4")
+                                     args.compile_mode, args.accum, args.loss_chunk, bf16_residual, flash4=flash4)
                     ratio = figures["tokens_per_s"] / twin["tokens_per_s"]
                     benchlog.append(name, "throughput_vs_dense", round(ratio, 4), "x",
                                     config | {"dense_d_ff": dense_twin(m).d_ff, "dense_tokens_per_s": round(twin["tokens_per_s"])}, args.log)

@@ -42,7 +42,7 @@ from runners import checkpoint, names
 from runners.data import TokenData
 from runners.schedule import Plan, TrialSetupError, lr_at, plan_trial
 from runners.step import (Batch, accumulate_grads, apply_update, evaluate, make_optimizer, numerics, peak_flops,
-                          pick_device, wants_compile)
+                          pick_device, wants_compile, wants_flash4)
 from runners.trial_result import BranchResult, TrialResult
 from sweeps.trial import Runtime, TrialConfig
 
@@ -112,8 +112,9 @@ class _Trainer:
         torch.manual_seed(self.cfg.seed)
         self.model = build_model(trial.model, init_std=self.cfg.init_std).to(self.device)
         self.model.loss_chunk, self.model.bf16_residual = runtime.loss_chunk, runtime.bf16_residual
+        self.model.use_flash4(wants_flash4(runtime, self.device, trial.model))
         self.forward = torch.compile(self.model) if wants_compile(runtime, self.device) else self.model
-        self.numerics = numerics(runtime, self.device)
+        self.numerics = numerics(runtime, self.device, trial.model)
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
         self.flops_per_token = flops_per_token(trial.model).train_exact
         self.peak = peak_flops(self.device)

@@ -135,5 +135,9 @@ class Runtime(Frozen):
                                 "activations (Megatron-LM's and torchtitan's default): 4 to 7% faster on an H200, and 8 "
                                 "seeds each way gave the same loss within 0.3% (results/residual_bf16); false: fp32, as "
                                 "the parameters")
+    attention: Literal["auto", "sdpa", "flash4"] = Field("auto", description="the attention kernel: 'flash4' is "
+                                                         "FlashAttention-4 (pip extra [flash4]; Hopper or Blackwell GPUs), "
+                                                         "'sdpa' torch's (cuDNN's on Hopper), 'auto' FlashAttention-4 where "
+                                                         "it runs: 2 to 4% faster steps on an H200 (models/flash4.py)")
     checkpoint_every_s: float = Field(60.0, gt=0.0, description="seconds between checkpoints")
     max_retries: int = Field(2, ge=0, description="retries of a trial whose worker died or raised")

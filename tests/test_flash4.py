@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from models import ModelConfig, build_model, flash4
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or not flash4.available(torch.device("cuda")),
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or not flash4.available(torch.device("cuda"), 64),
                          reason="FlashAttention-4 needs a Hopper or Blackwell GPU and flash-attn-4")
 
 

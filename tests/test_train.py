@@ -203,3 +203,9 @@ def test_moe_trial_trains_and_logs_router_stats(data, tmp_path):
 def test_asking_for_cuda_without_one_is_a_setup_error(data, tmp_path):
     with pytest.raises(TrialSetupError, match="runtime.device"):
         train(make_trial(data, 10), data, tmp_path, Runtime(device="cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_flash4_where_it_cannot_run_is_a_setup_error(data, tmp_path):
+    with pytest.raises(TrialSetupError, match="runtime.attention"):
+        train(make_trial(data, 10), data, tmp_path, Runtime(attention="flash4"))

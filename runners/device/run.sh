@@ -10,15 +10,24 @@
 #   run.sh packing:SPEC               SPEC on one GPU, a trial at a time, then packed at its share
 #   run.sh packing-mps:SPEC           the same, packed under NVIDIA MPS
 #   run.sh sweep:SPEC                 scaling run SPEC (Ray + MLflow, all GPUs), its export, its GPU use (sweepstats)
+#   run.sh test:PATH,PATH,...         pytest on these (the GPU-only tests: models.swiglu's and models.flash4's kernels)
+#   run.sh stash-fa4                  keep .fa4/a's piece of FlashAttention-4 on the machine for the next call
 # DEADLINE (seconds from the start, default 540) stops a sweep's training with Ctrl-C; its finished trials
 # stay finished in the MLflow store, are exported, and the next call resumes the rest.
 # Carry [".gpu", ".data"]: .gpu/site.tar.xz from runners/device/build-bundle.sh; .data holds the corpus
 # slice and, between calls, the MLflow store (.data/mlflow.db) so a later call skips finished trials.
+# FlashAttention-4 (runners/device/build-fa4.sh) travels in two calls: `stash-fa4` with carry [".fa4/a"], then,
+# while the machine is warm, this with ".fa4/b" added to the carry; without it, attention runs on torch's SDPA.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+if [ "${1:-}" = stash-fa4 ]; then mkdir -p /tmp/fa4p && cp .fa4/a/part.00 /tmp/fa4p/ && exit 0; fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" .data
 mkdir -p /tmp/site && { [ -d /tmp/site/ray ] || tar -xJf .gpu/site.tar.xz -C /tmp/site; }
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
+if [ -f .fa4/b/part.01 ] && [ -f /tmp/fa4p/part.00 ]; then
+  mkdir -p /tmp/fa4site && { [ -d /tmp/fa4site/flash_attn ] || cat /tmp/fa4p/part.00 .fa4/b/part.01 | xz -d | tar -x -C /tmp/fa4site; }
+  export PYTHONPATH=$PYTHONPATH:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages  # (and what its .pth adds)
+fi
 start=$SECONDS; DEADLINE=${DEADLINE:-540}
 work=/tmp/device-run; mkdir -p $work
 [ -f .data/mlflow.db ] && cp .data/mlflow.db $work/mlflow.db   # the store a previous call brought back
@@ -33,6 +42,7 @@ for stage in "$@"; do
     bench) python -m models.bench moe_layer && python -m runners.step_bench dense_step moe_step ;;
     bench:*) python -m runners.step_bench "${stage#bench:}" ;;
     step:*) args=${stage#step:}; python -m runners.step_bench ${args//,/ } ;;
+    test:*) args=${stage#test:}; python -m pytest -q -p no:cacheprovider -W ignore ${args//,/ } ;;
     multigpu:*|packing:*) python -m runners.device.sweepbench "${stage%%:*}" "${stage#*:}" --util $work/gpu_util.csv ;;
     packing-mps:*) python -m runners.device.sweepbench packing "${stage#*:}" --util $work/gpu_util.csv --mps ;;
     # training under the deadline, then the export (whatever finished) outside it
