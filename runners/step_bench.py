@@ -25,7 +25,7 @@ memory bandwidth), with no two calls on the same machine: the same run moves 1 t
 - Then models/swiglu.py's backward kernel (5.2 -> 2.9 ms of a d768 step) and the loss's gradient in one pass,
   and the default batches raised to 64, 64 and 256 sequences (65K, 65K and 131K tokens, still small batches
   for these sizes), which fill the GPU better than 32 / 32 / 128 (d768 47.2 -> 49.9% with a bf16 residual).
-- Now, at the trainer's defaults (a bf16 residual stream since 0e160d1: the residual adds and norms move half
+- Then, with SDPA attention (a bf16 residual stream since 0e160d1: the residual adds and norms move half
   the bytes; results/residual_bf16 shows it gives the same losses): on one machine d768 49.8% (0.52M tokens/s,
   33.2 GiB), d512 44.0% (1.44M, 14.8 GiB), d256 32.1% (5.3M, 11.2 GiB), and with `--residual fp32` there 47.9 /
   42.1 / 29.9%; d768 50.0% and 48.6% on two more machines, 49.9% and 48.1% on two earlier ones. d768 at batch
@@ -33,8 +33,14 @@ memory bandwidth), with no two calls on the same machine: the same run moves 1 t
   all three, one machine). MoE (batch 32): 34.4%, 0.77x its dense twin. d768's profile (fp32 residual, batch
   64): products 60%, Triton kernels 24% (norms, RoPE, residual adds, the loss's softmax; the SwiGLU kernel
   4.6%), attention 14% (cuDNN's flash backward alone 9%), AdamW 1.5%; a bf16 residual takes the Triton share
-  to about 20%. What would move it next: attention (FlashAttention-3 is not in torch's SDPA), and the norms
-  and RoPE folded into the products' prologues (kernels of one's own).
+  to about 20%.
+- Now, with attention on FlashAttention-4's Hopper kernels (models/flash4.py, the default where flash-attn-4 is
+  installed), against SDPA on the same machine, two machines: d768 49.96 / 50.42% (0.53M tokens/s, 32.0 GiB)
+  against 48.75 / 49.25%; d512 44.5 / 45.0% against 43.1 / 43.5%; d256 32.7 / 32.8% against 31.4 / 31.6%.
+  d768's profile: products 65%, Triton kernels 19%, attention 14% (FA4's backward 7.3%, forward 4.7%), AdamW
+  1.6%. Not separated: how much of the gain is the kernel and how much the layout (FA4 takes q, k, v as
+  [batch, seq, heads, head_dim], the projection's own, so nothing around it transposes). What would move it next: the norms and RoPE folded into the products' prologues (kernels of one's own), and larger
+  batches (d768 at 128 sequences: +1 point with SDPA).
 """
 
 from __future__ import annotations
