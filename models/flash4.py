@@ -1,9 +1,11 @@
 """Causal attention through FlashAttention-4 (the `flash-attn-4` package: CuTe DSL kernels for Hopper and
 Blackwell, a pure-Python wheel), as a torch custom op so that torch.compile keeps it whole.
 
-torch's SDPA runs cuDNN's flash attention on an H100/H200; FlashAttention-3's Hopper kernels are not in it.
-FA4's Hopper path is those kernels in CuTe DSL. Tensors are [batch, seq, heads, head_dim], the layout the
-fused QKV projection writes, so no transpose is needed on either side.
+torch's SDPA runs cuDNN's flash attention on an H100/H200; FlashAttention-3's Hopper kernels are not in it,
+and FA4's Hopper path is their design in CuTe DSL. Its kernels are compiled on first use (seconds, once per
+process and shape). The ops call flash_attn.cute.interface's _flash_attn_fwd and _flash_attn_bwd, as torch's
+own FA4 registration does (torch.nn.attention, 2.13). Tensors are [batch, seq, heads, head_dim], the layout
+the fused QKV projection writes, so no transpose is needed on either side.
 """
 
 from __future__ import annotations
