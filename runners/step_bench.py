@@ -1,7 +1,8 @@
 """Benchmark of the full training step (forward, backward, clip, AdamW) that `run_trial` runs.
 
     python -m runners.step_bench [--quick] [--steps N] [--micro SEQS] [--accum K] [--loss-chunk TOKENS]
-        [--residual bf16|fp32] [--attention auto|sdpa|flash4] [--head-dim H] [--d-model D ...] [--compile both|on|off] [--profile] dense_step moe_step
+        [--residual bf16|fp32] [--attention auto|sdpa|flash4] [--head-dim H] [--d-model D ...]
+        [--compile both|on|off] [--profile] dense_step moe_step
 
 Each benchmark runs its shapes with and without torch.compile and appends tokens/s, MFU (exact
 training FLOPs per token x tokens/s over the device's bf16 dense peak) and peak memory to
@@ -37,10 +38,12 @@ memory bandwidth), with no two calls on the same machine: the same run moves 1 t
 - Now, with attention on FlashAttention-4's Hopper kernels (models/flash4.py, the default where flash-attn-4 is
   installed), against SDPA on the same machine, two machines: d768 49.96 / 50.42% (0.53M tokens/s, 32.0 GiB)
   against 48.75 / 49.25%; d512 44.5 / 45.0% against 43.1 / 43.5%; d256 32.7 / 32.8% against 31.4 / 31.6%.
-  d768's profile: products 65%, Triton kernels 19%, attention 14% (FA4's backward 7.3%, forward 4.7%), AdamW
-  1.6%. Not separated: how much of the gain is the kernel and how much the layout (FA4 takes q, k, v as
-  [batch, seq, heads, head_dim], the projection's own, so nothing around it transposes). What would move it next: the norms and RoPE folded into the products' prologues (kernels of one's own), and larger
-  batches (d768 at 128 sequences: +1 point with SDPA).
+  On a third: MoE (batch 32) 35.8%, 0.77x its dense twin; d768 at batch 128 51.1%, 61.5 GiB (fits an 80 GB
+  H100). d768's profile: products 65%, Triton kernels 19%, attention 14% (FA4's backward 7.3%, forward 4.7%),
+  AdamW 1.6%. Not separated: how much of the gain is the kernel and how much the layout (FA4 takes q, k, v as
+  [batch, seq, heads, head_dim], the projection's own, so nothing around it transposes). What would move it
+  next: the norms and RoPE folded into the products' prologues (kernels of one's own), and larger batches
+  (about +1 point at 128 sequences).
 """
 
 from __future__ import annotations
