@@ -53,12 +53,12 @@ def wants_flash4(runtime: Runtime, device: torch.device, model: ModelConfig) -> 
     return False
 
 
-def numerics(runtime: Runtime, device: torch.device, model: ModelConfig) -> str:
+def numerics(runtime: Runtime, device: torch.device, flash4: bool) -> str:
     """How a trial computes on `device`, as its MLflow tag shows it: precision, residual stream, attention
-    kernel, compile."""
+    kernel (`flash4`: what wants_flash4 chose), compile."""
     how = "compiled" if wants_compile(runtime, device) else "eager"
     if device.type == "cuda":
-        attention = "FlashAttention-4" if wants_flash4(runtime, device, model) else "SDPA attention"
+        attention = "FlashAttention-4" if flash4 else "SDPA attention"
         return f"bf16 autocast, {'bf16' if runtime.bf16_residual else 'fp32'} residual stream, {attention}, {how}"
     return f"fp32, {how}"
 

@@ -112,9 +112,10 @@ class _Trainer:
         torch.manual_seed(self.cfg.seed)
         self.model = build_model(trial.model, init_std=self.cfg.init_std).to(self.device)
         self.model.loss_chunk, self.model.bf16_residual = runtime.loss_chunk, runtime.bf16_residual
-        self.model.use_flash4(wants_flash4(runtime, self.device, trial.model))
+        flash4 = wants_flash4(runtime, self.device, trial.model)
+        self.model.use_flash4(flash4)
         self.forward = torch.compile(self.model) if wants_compile(runtime, self.device) else self.model
-        self.numerics = numerics(runtime, self.device, trial.model)
+        self.numerics = numerics(runtime, self.device, flash4)
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
         self.flops_per_token = flops_per_token(trial.model).train_exact
         self.peak = peak_flops(self.device)
