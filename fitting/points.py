@@ -1,6 +1,6 @@
 """The points table: the one contract between whatever produced losses and every fitter.
 
-One row per evaluation point. The harness writes it from MLflow (runners/collect.py); anyone can
+One row per evaluation point. The harness writes it from MLflow (runners/tracking/collect.py); anyone can
 write it by hand from published numbers. Only N, D and loss are required.
 
 Conventions (recorded in every law file):

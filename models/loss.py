@@ -4,7 +4,7 @@ The plain path writes the [tokens, vocab] logits, keeps them (and their fp32 upc
 then writes their gradient. Here each chunk's logits are made, turned into the chunk's loss and logit
 gradient, and consumed by the two gradient products at once, so the full logits never exist (the idea of
 Liger's fused linear cross-entropy). On an H200 that took 20 to 30% off the peak memory of the
-benchmark shapes at the same speed (runners/step_bench.py): the exp and log-sum-exp work is the same. The
+benchmark shapes at the same speed (runners/bench/step.py): the exp and log-sum-exp work is the same. The
 backward only scales the saved gradients, so this is for training; evaluation keeps the plain path.
 """
 

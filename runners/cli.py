@@ -12,7 +12,7 @@ from pathlib import Path
 def _user_errors() -> tuple[type[Exception], ...]:
     """The exception classes whose message is meant for the user (one line each)."""
     from fitting.errors import FitInputError
-    from runners.data import DataError
+    from runners.data.store import DataError
     from sweeps.errors import SpecError
 
     return (SpecError, FitInputError, DataError)
@@ -46,7 +46,7 @@ def cmd_run(args) -> int:
 
 def cmd_export(args) -> int:
     from runners import pipeline
-    from runners.tracking import SweepRuns
+    from runners.tracking.runs import SweepRuns
 
     spec = _spec(args)
     pipeline.export(spec, SweepRuns(spec.name))
@@ -70,7 +70,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from runners.tracking import tracking_uri
+    from runners.tracking.runs import tracking_uri
 
     uri = args.uri or tracking_uri()
     env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -13,12 +13,12 @@ from rich.console import Console
 from rich.table import Table
 
 from fitting.errors import FitInputError
-from runners import names
-from runners.collect import collect_points
-from runners.data import content_hash, prepare_data, vocab_size_of
-from runners.search import GridSource, SearchSource
-from runners.sweep import SweepOutcome, connect, run_trials
-from runners.tracking import SweepRuns
+from runners.tracking import names
+from runners.tracking.collect import collect_points
+from runners.data.store import content_hash, prepare_data, vocab_size_of
+from runners.scheduling.search import GridSource, SearchSource
+from runners.scheduling.sweep import SweepOutcome, connect, run_trials
+from runners.tracking.runs import SweepRuns
 from sweeps.expand import Cell, HparamsAt, PlannedTrial, cells, expand
 from sweeps.errors import SpecError
 from sweeps.spec import SweepSpec

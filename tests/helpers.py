@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from runners import names
-from runners.tracking import SweepRuns
+from runners.tracking import names
+from runners.tracking.runs import SweepRuns
 
 
 def tiny_spec(tmp_path: Path, name: str = "tiny", **overrides) -> Path:
@@ -61,7 +61,7 @@ def start_driver(spec: Path, uri: str, *extra: str):
     import subprocess
     import sys
 
-    from runners.tracking import client
+    from runners.tracking.runs import client
 
     client(uri).search_experiments()  # create the store here: a test polling it while the driver migrates it would race
     env = os.environ | {"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0"}

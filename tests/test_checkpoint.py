@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runners import checkpoint
+from runners.training import checkpoint
 
 
 def net_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

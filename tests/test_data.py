@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from runners import data as data_module
-from runners.corpus import read_documents, stdlib_files
-from runners.data import DataError, TokenData, content_hash, prepare_data, split_hash, vocab_size_of
-from runners.tokenize import END_OF_DOCUMENT, ByteTokenizer, load_tokenizer_file, train_bpe
+from runners.data import store as data_module
+from runners.data.corpus import read_documents, stdlib_files
+from runners.data.store import DataError, TokenData, content_hash, prepare_data, split_hash, vocab_size_of
+from runners.data.tokenize import END_OF_DOCUMENT, ByteTokenizer, load_tokenizer_file, train_bpe
 from sweeps.trial import DataConfig
 
 GUTENBERG = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg-en-400m"

@@ -36,7 +36,7 @@ def test_default_fit_recovers_chinchilla_within_3_percent_in_under_5_s():
     assert d["starts"] == 4500 and d["starts_converged"] > 4000
     assert d["rmse_log"] == pytest.approx(0.01, rel=0.15) and d["r2"] > 0.99
     assert section["n_points"] == 250
-    assert seconds < 5 * 3  # goal 5 s on an idle machine; the shared test machine is busier (see fitting.bench)
+    assert seconds < 5 * 3  # goal 5 s on an idle machine; the shared test machine is busier (see runners.bench.fit)
 
 
 def test_bootstrap_intervals_cover_the_truth_in_85_of_100_repeats():

@@ -11,9 +11,9 @@ import pytest
 
 from mlflow import MlflowClient
 
-from runners import names
+from runners.tracking import names
 from runners.cli import main
-from runners.tracking import SweepRuns
+from runners.tracking.runs import SweepRuns
 from sweeps.spec import load_spec
 from tests.conftest import free_port, stop, wait_until_up
 from tests.helpers import metric_steps, tiny_spec

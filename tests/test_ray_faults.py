@@ -11,10 +11,10 @@ from collections import defaultdict
 import pandas as pd
 import pytest
 
-from runners import names
+from runners.tracking import names
 from runners.cli import main
-from runners.tracking import SweepRuns
-from runners.worker import NOSET_CUDA
+from runners.tracking.runs import SweepRuns
+from runners.scheduling.worker import NOSET_CUDA
 from tests.helpers import metric_steps, start_driver, tiny_spec, trial_runs, wait_for
 
 pytestmark = pytest.mark.slow

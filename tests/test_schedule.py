@@ -7,7 +7,7 @@ import math
 import pytest
 
 from models.config import ModelConfig
-from runners.schedule import Branch, TrialSetupError, decay_factor, eval_steps, lr_at, plan_trial
+from runners.training.schedule import Branch, TrialSetupError, decay_factor, eval_steps, lr_at, plan_trial
 from sweeps.trial import DataConfig, Runtime, ScheduleConfig, TrainConfig, TrialConfig
 
 LR = 1e-3

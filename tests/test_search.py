@@ -6,10 +6,10 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from runners import names
+from runners.tracking import names
 from runners.cli import main
 from runners.pipeline import plan
-from runners.search import GridSource, storage_url
+from runners.scheduling.search import GridSource, storage_url
 from sweeps.spec import load_spec
 from tests.helpers import tiny_spec, trial_runs
 

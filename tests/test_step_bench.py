@@ -6,7 +6,7 @@ import pytest
 
 from models import count_params
 from models.config import ModelConfig, MoEConfig
-from runners.step_bench import dense_twin
+from runners.bench.step import dense_twin
 
 
 @pytest.mark.parametrize("moe", [MoEConfig(n_experts=8, top_k=2), MoEConfig(n_experts=4, top_k=1, granularity=2, n_shared=1)])

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from runners.device.sweepstats import busy_fraction
+from runners.bench.sweepstats import busy_fraction
 
 
 def test_busy_fraction_is_the_mean_utilisation_inside_the_window(tmp_path):
@@ -24,7 +24,7 @@ def test_trial_runs_reads_each_trials_window_and_flops_from_a_real_sweep(tmp_pat
     import pandas as pd
 
     from runners.cli import main
-    from runners.device.sweepstats import trial_runs
+    from runners.bench.sweepstats import trial_runs
     from tests.helpers import tiny_spec
 
     spec = tiny_spec(tmp_path, name="stats")

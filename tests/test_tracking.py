@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from runners import names
-from runners.tracking import MlflowSink, SweepRuns, client, set_status
+from runners.tracking import names
+from runners.tracking.runs import MlflowSink, SweepRuns, client, set_status
 from tests.conftest import free_port, start_mlflow_server, stop, wait_until_up
 
 
@@ -50,7 +50,7 @@ def test_writes_wait_out_a_store_locked_past_mlflows_busy_timeout(sqlite_uri, ca
     assert found["abc"].data.tags[names.TAG_STATUS] == names.KILLED
     assert found["new"].data.params == {"x": "1"}
     holder.close()
-    waits = [r.getMessage() for r in caplog.records if r.name == "runners.tracking"]
+    waits = [r.getMessage() for r in caplog.records if r.name == "runners.tracking.runs"]
     assert len(waits) >= 2 and all(w.startswith("tracking store busy ((sqlite3.OperationalError) database is locked)")
                                    for w in waits)
     assert "database is locked" not in capfd.readouterr().err  # MLflow's own log of it, with its traceback

@@ -15,11 +15,11 @@ import torch
 
 from models import build_model, flops_per_token
 from models.config import ModelConfig, MoEConfig
-from runners import names
-from runners.data import prepare_data
-from runners.schedule import TrialSetupError
-from runners.step import accumulate_grads
-from runners.train import run_trial
+from runners.tracking import names
+from runners.data.store import prepare_data
+from runners.training.schedule import TrialSetupError
+from runners.training.step import accumulate_grads
+from runners.training.train import run_trial
 from sweeps.trial import DataConfig, Runtime, ScheduleConfig, TrainConfig, TrialConfig
 
 SEQ, SEQS = 16, 8

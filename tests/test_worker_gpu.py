@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from runners.sweep import reuses_workers
-from runners.worker import NOSET_CUDA, cuda_index
+from runners.scheduling.sweep import reuses_workers
+from runners.scheduling.worker import NOSET_CUDA, cuda_index
 
 
 @pytest.mark.parametrize("gpu_id,visible,index", [("2", "0,1,2,3", 2), ("2", "2,3", 0), ("3", "2, 3", 1), (1, None, 1), ("0", "", 0)])
@@ -32,8 +32,8 @@ def test_trials_run_in_the_workers_warmed_for_them(monkeypatch, sqlite_uri):
 
     import ray
 
-    from runners.sweep import warm_workers
-    from runners.tracking import client
+    from runners.scheduling.sweep import warm_workers
+    from runners.tracking.runs import client
 
     client(sqlite_uri).search_experiments()  # the store exists before any worker opens it, as in a sweep
     monkeypatch.setenv(NOSET_CUDA, "1")

@@ -1,4 +1,4 @@
-"""`python -m fitting.bench`: time the default chinchilla fit of 250 points and a 1000-replicate bootstrap,
+"""`python -m runners.bench.fit`: time the default chinchilla fit of 250 points and a 1000-replicate bootstrap,
 and append the figures to results/benchmarks.jsonl (benchmark "fit"); `--coverage 100` also counts how
 often the bootstrap intervals cover the true coefficients (chinchilla and moe, 100 repeats each).
 
@@ -18,7 +18,7 @@ import pandas as pd
 
 from fitting import laws
 from fitting.parametric import fit_parametric
-from runners import benchlog
+from runners.bench.log import append
 
 HOFFMANN = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 
@@ -59,7 +59,7 @@ def _timed(fn):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fitting.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m runners.bench.fit", description=__doc__.splitlines()[0])
     parser.add_argument("--replicates", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3, help="times the fit is timed (the median is logged)")
     parser.add_argument("--coverage", type=int, default=0, metavar="REPEATS",
@@ -72,18 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     seconds = statistics.median(s for s, _ in fits)
     section = fits[0][1]
     recovered = {k: round(section["params"][k] / HOFFMANN[k] - 1, 4) for k in ("E", "alpha", "beta")}
-    lines = [benchlog.append("fit", "approach3_seconds", round(seconds, 3), "s",
+    lines = [append("fit", "approach3_seconds", round(seconds, 3), "s",
                              {**config, "runs": [round(s, 3) for s, _ in fits], "relative_error": recovered,
                               "load_avg_1m": round(os.getloadavg()[0], 2)})]
     boot_seconds, boot = _timed(lambda: fit_parametric(table, bootstrap=args.replicates))
-    lines.append(benchlog.append("fit", "approach3_bootstrap_seconds", round(boot_seconds, 3), "s",
+    lines.append(append("fit", "approach3_bootstrap_seconds", round(boot_seconds, 3), "s",
                                  {**config, "replicates": args.replicates, "converged": boot["bootstrap"]["converged"],
                                   "includes": "the fit itself", "load_avg_1m": round(os.getloadavg()[0], 2)}))
     if args.coverage:
         for law in ("chinchilla", "moe"):
             seconds, covered = _timed(lambda: coverage(law, args.coverage, 100))
             for k, n in covered.items():
-                lines.append(benchlog.append("fit", f"{law}_ci95_covers_{k}", n, f"of {args.coverage}",
+                lines.append(append("fit", f"{law}_ci95_covers_{k}", n, f"of {args.coverage}",
                                              {"law": law, "points": 80 if law == "chinchilla" else 320, "noise": 0.01,
                                               "replicates": 100, "seconds": round(seconds, 1),
                                               "load_avg_1m": round(os.getloadavg()[0], 2)}))

@@ -12,7 +12,7 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-LOG = Path(__file__).resolve().parents[1] / "results" / "benchmarks.jsonl"
+LOG = Path(__file__).resolve().parents[2] / "results" / "benchmarks.jsonl"
 
 
 def device() -> str:

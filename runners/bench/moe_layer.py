@@ -1,10 +1,10 @@
-"""Speed of the MoE layer; each figure is appended to results/benchmarks.jsonl through runners.benchlog.
+"""Speed of the MoE layer; each figure is appended to results/benchmarks.jsonl through runners.bench.log.
 
-    python -m models.bench [--quick] [--compile] moe_layer
+    python -m runners.bench.moe_layer [--quick] [--compile] moe_layer
 
 moe_layer: one MoE layer's forward + backward, grouped dispatch against the plain per-expert loop
 (E = 8, top-2, d_model 512, expert hidden 1408, 65,536 tokens, bf16 autocast on CUDA). The whole
-model's step against dense (moe_step) is runners.step_bench's. --quick shrinks it to seconds on a CPU
+model's step against dense (moe_step) is runners.bench.step's. --quick shrinks it to seconds on a CPU
 (fp32 there, where grouped products run on torch's CPU fallback).
 """
 
@@ -20,7 +20,7 @@ import torch
 
 from models.config import MoEConfig
 from models.moe import MoE
-from runners import benchlog
+from runners.bench.log import LOG, append
 
 
 def _seconds_per_call(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
@@ -69,16 +69,16 @@ BENCHMARKS = {"moe_layer": moe_layer}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m models.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m runners.bench.moe_layer", description=__doc__.splitlines()[0])
     parser.add_argument("benchmarks", nargs="+", choices=sorted(BENCHMARKS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes: seconds on a CPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the layer")
-    parser.add_argument("--jsonl", type=Path, default=benchlog.LOG, help="file to append to")
+    parser.add_argument("--jsonl", type=Path, default=LOG, help="file to append to")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for benchmark in args.benchmarks:
         for metric, value, unit, config in BENCHMARKS[benchmark](args.quick, args.compile, device):
-            print(json.dumps(benchlog.append(benchmark, metric, round(value, 4), unit, config, path=args.jsonl)))
+            print(json.dumps(append(benchmark, metric, round(value, 4), unit, config, path=args.jsonl)))
 
 
 if __name__ == "__main__":

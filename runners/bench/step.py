@@ -1,6 +1,6 @@
 """Benchmark of the full training step (forward, backward, clip, AdamW) that `run_trial` runs.
 
-    python -m runners.step_bench [--quick] [--steps N] [--micro SEQS] [--accum K] [--loss-chunk TOKENS]
+    python -m runners.bench.step [--quick] [--steps N] [--micro SEQS] [--accum K] [--loss-chunk TOKENS]
         [--residual bf16|fp32] [--attention auto|sdpa|flash4] [--head-dim H] [--d-model D ...]
         [--compile both|on|off] [--profile] dense_step moe_step
 
@@ -56,9 +56,9 @@ from pathlib import Path
 import torch
 
 from models import ModelConfig, MoEConfig, build_model, flops_per_token
-from runners import benchlog
-from runners.schedule import TrialSetupError
-from runners.step import accumulate_grads, apply_update, make_optimizer, peak_flops, wants_flash4
+from runners.bench.log import LOG, append
+from runners.training.schedule import TrialSetupError
+from runners.training.step import accumulate_grads, apply_update, make_optimizer, peak_flops, wants_flash4
 from sweeps.trial import Runtime, TrainConfig
 
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="print where the timed steps' GPU time went")
     parser.add_argument("--compile", choices=["both", "on", "off"], default="both", help="torch.compile runs (GPU)")
     parser.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: default)")
-    parser.add_argument("--log", type=Path, default=benchlog.LOG, help="the JSON-lines file to append to")
+    parser.add_argument("--log", type=Path, default=LOG, help="the JSON-lines file to append to")
     args = parser.parse_args(argv)
     bf16_residual = args.residual == "bf16"
 
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
                           "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
                           **({"experts": m.moe.n_experts, "top_k": m.moe.top_k} if m.moe else {})}
                 for metric, value in figures.items():
-                    benchlog.append(name, metric, round(value, 4), UNITS[metric], config, args.log)
+                    append(name, metric, round(value, 4), UNITS[metric], config, args.log)
                 print(name, f"d{m.d_model} L{m.n_layers} h{m.n_heads} seq{m.seq_len} batch{shape.micro_seqs}x{args.accum}",
                       f"loss_chunk {args.loss_chunk}", "compiled" if compiled else "eager",
                       {k: round(v, 4) for k, v in figures.items()}, flush=True)
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
                     twin = time_step(Shape(dense_twin(m), shape.micro_seqs), device, compiled, steps, warmup,
                                      args.compile_mode, args.accum, args.loss_chunk, bf16_residual, flash4=flash4)
                     ratio = figures["tokens_per_s"] / twin["tokens_per_s"]
-                    benchlog.append(name, "throughput_vs_dense", round(ratio, 4), "x",
+                    append(name, "throughput_vs_dense", round(ratio, 4), "x",
                                     config | {"dense_d_ff": dense_twin(m).d_ff, "dense_tokens_per_s": round(twin["tokens_per_s"])}, args.log)
                     print(name, "throughput_vs_dense", round(ratio, 3), flush=True)
 

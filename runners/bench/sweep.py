@@ -1,9 +1,9 @@
 """Sweep-level speed benchmarks on a GPU machine: the same sweep run twice, each a fresh `scaling run --no-fit`
 (its own Ray, its own MLflow store and sweep name, so nothing is skipped), timed wall clock.
 
-    python -m runners.device.sweepbench multigpu SPEC --util gpu_util.csv   # one GPU, then every GPU
-    python -m runners.device.sweepbench packing SPEC --util gpu_util.csv    # one GPU: a trial at a time, then packed
-    python -m runners.device.sweepbench packing SPEC --util gpu_util.csv --mps   # packed under MPS instead
+    python -m runners.bench.sweep multigpu SPEC --util gpu_util.csv   # one GPU, then every GPU
+    python -m runners.bench.sweep packing SPEC --util gpu_util.csv    # one GPU: a trial at a time, then packed
+    python -m runners.bench.sweep packing SPEC --util gpu_util.csv --mps   # packed under MPS instead
 
 multigpu: speedup = wall time on one GPU / wall time on all of them (goal 0.95 x the GPU count).
 packing: speedup = wall time with one trial per GPU (gpus: 1) / with the spec's own share (goal 3x for 16
@@ -14,7 +14,7 @@ The corpus is tokenized (cached) before the first run. Two wall times per run: `
 command (driver start, Ray start and MLflow store included: 20 to 40 s that no GPU count changes) and
 `speedup_sweep` over the sweep's own window, from the first trial submitted to the last trial ended (the
 fresh workers' start included). The busy fraction of each GPU is the mean of nvidia-smi's utilization
-samples (taken by runners/device/run.sh) inside each run's window: the share of time a kernel was running,
+samples (taken by runners/bench/device/run.sh) inside each run's window: the share of time a kernel was running,
 not MFU. Each run's trials are also timed from MLflow (medians): `start_s`, from a trial's registration to its
 first step (queueing for a free slot included, then worker start, imports, data, model), and `train_s`,
 from its first step to its end.
@@ -36,9 +36,9 @@ import mlflow
 import torch
 import yaml
 
-from runners.benchlog import append
-from runners.data import prepare_data
-from runners.device.sweepstats import busy_fraction, trial_runs
+from runners.bench.log import append
+from runners.data.store import prepare_data
+from runners.bench.sweepstats import busy_fraction, trial_runs
 from sweeps.spec import load_spec
 
 Window = tuple[float, float]  # wall-clock start and end, seconds since the epoch

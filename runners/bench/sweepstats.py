@@ -1,6 +1,6 @@
 """How well a finished sweep used its GPUs, from its MLflow store and nvidia-smi samples.
 
-    python -m runners.device.sweepstats SPEC --util gpu_util.csv [--on DEVICE --at COMMIT]
+    python -m runners.bench.sweepstats SPEC --util gpu_util.csv [--on DEVICE --at COMMIT]
 
 Appends `benchmark: sweep` figures to results/benchmarks.jsonl. The window runs from the first trial's
 submission (the driver registers every trial's MLflow run as it submits it) to the last trial's end, so
@@ -22,9 +22,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from runners import names
-from runners.benchlog import append, device
-from runners.step import PEAK_BF16_FLOPS
+from runners.tracking import names
+from runners.bench.log import append, device
+from runners.training.step import PEAK_BF16_FLOPS
 from sweeps.spec import load_spec
 
 
@@ -78,7 +78,7 @@ def main() -> None:
     on = args.on or device()
     peak = next((p for key, p in PEAK_BF16_FLOPS.items() if key in on), None)
     if peak is None:
-        raise SystemExit(f"--on {on!r}: no bf16 peak known for it (runners.step.PEAK_BF16_FLOPS)")
+        raise SystemExit(f"--on {on!r}: no bf16 peak known for it (runners.training.step.PEAK_BF16_FLOPS)")
     config = {"spec": str(args.spec), "trials": len(runs), "gpus": gpus, "share": spec.resources.gpus,
               "compile": spec.runtime.compile, "wall_s": round(wall, 1), "flops_exact": float(runs.flops.sum()),
               "note": "window: first trial submitted to last trial ended, from MLflow run times"}

@@ -29,7 +29,7 @@ _OPENERS = {".gz": gzip.open, ".xz": lzma.open}
 class DataError(Exception):
     """Bad data input (no files, a missing text field, a bad tokenizer...): a one-line message naming the field.
 
-    Defined here, at the bottom layer, and exported by runners.data, where callers import it from."""
+    Defined here, at the bottom layer, and exported by runners.data.store, where callers import it from."""
 
 
 def stdlib_files() -> list[Path]:

@@ -1,8 +1,8 @@
 """Data for a trial: documents -> train/validation split by document -> tokens, cached as memory-mapped files.
 
-`prepare_data(cfg)` reads the source (runners.corpus), holds out as validation the documents whose text hashes
+`prepare_data(cfg)` reads the source (runners.data.corpus), holds out as validation the documents whose text hashes
 lowest until they make up `val_fraction` of the bytes, trains the BPE tokenizer on the training split when asked
-(runners.tokenize), and writes every document's tokens followed by an end-of-document token to
+(runners.data.tokenize), and writes every document's tokens followed by an end-of-document token to
 `train.bin` / `val.bin` (uint16 below 65536 ids, else uint32). The folder is keyed by (content hash,
 tokenizer, vocab size, val_fraction, separator, text_field) and built once: concurrent callers wait on a
 file lock, and a finished folder appears by one atomic rename, so a reader never sees a half-built one.
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from runners.corpus import DataError, read_documents, source_files
-from runners.tokenize import ByteTokenizer, HFTokenizer, file_vocab_size, load_tokenizer_file, train_bpe
+from runners.data.corpus import DataError, read_documents, source_files
+from runners.data.tokenize import ByteTokenizer, HFTokenizer, file_vocab_size, load_tokenizer_file, train_bpe
 from sweeps.trial import DataConfig
 
 __all__ = ["DataError", "TokenData", "content_hash", "default_cache_dir", "prepare_data", "vocab_size_of"]

@@ -1,6 +1,6 @@
 """Tokenizers: bytes (256 + end-of-document), byte-level BPE trained with `tokenizers`, or a tokenizer.json file.
 
-Each one turns documents into token id arrays, appends nothing itself (runners.data ends every document
+Each one turns documents into token id arrays, appends nothing itself (runners.data.store ends every document
 with `eod`), decodes ids back to text, and counts the UTF-8 bytes a run of ids stands for (for
 bits per byte).
 """
@@ -14,7 +14,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from runners.corpus import DataError
+from runners.data.corpus import DataError
 
 END_OF_DOCUMENT = "<|endoftext|>"
 # Names other tokenizer.json files give their end-of-document token, tried in this order.

@@ -6,7 +6,7 @@ import ray
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from runners import names
+from runners.tracking import names
 
 
 @ray.remote

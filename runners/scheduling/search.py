@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from runners import names
+from runners.tracking import names
 from sweeps.expand import Cell, PlannedTrial
 from sweeps.spec import SearchSpec, SweepSpec
 

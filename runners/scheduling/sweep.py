@@ -17,12 +17,12 @@ from pathlib import Path
 
 import ray
 
-from runners import names
-from runners.progress import Board, SweepProgress
-from runners.resources import ray_options
-from runners.search import GridSource, Pruning, SearchSource, pruning_callback
-from runners.tracking import SweepRuns, flatten, set_status
-from runners.worker import NOSET_CUDA, TrialJob, run_job
+from runners.tracking import names
+from runners.scheduling.progress import Board, SweepProgress
+from runners.scheduling.resources import ray_options
+from runners.scheduling.search import GridSource, Pruning, SearchSource, pruning_callback
+from runners.tracking.runs import SweepRuns, flatten, set_status
+from runners.scheduling.worker import NOSET_CUDA, TrialJob, run_job
 from sweeps.expand import PlannedTrial
 from sweeps.spec import SweepSpec
 
@@ -84,7 +84,7 @@ def reuses_workers(cluster_has_gpus: bool) -> bool:
 
     Safe on CPU. On GPUs only where Ray leaves CUDA_VISIBLE_DEVICES alone (NOSET_CUDA, set for the local Ray
     and to be set on every node of a cluster and in the driver): a worker kept for the next trial may be
-    given another GPU, which it can switch to only if it sees them all (runners.worker.select_gpu).
+    given another GPU, which it can switch to only if it sees them all (runners.scheduling.worker.select_gpu).
     Elsewhere each GPU trial gets a fresh worker, as Ray does by default."""
     return not cluster_has_gpus or os.environ.get(NOSET_CUDA) == "1"
 
@@ -194,8 +194,8 @@ def warm_workers(todo: list[tuple[PlannedTrial, Pruning | None, dict]], tracking
 
 
 def _warm(tracking_uri: str) -> int:
-    import runners.train  # noqa: F401  (torch and the model code)
-    from runners.tracking import client
+    import runners.training.train  # noqa: F401  (torch and the model code)
+    from runners.tracking.runs import client
 
     client(tracking_uri).search_experiments(max_results=1)  # opens the store (for sqlite: its engine)
     return os.getpid()

@@ -13,8 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from runners import names
-from runners.tracking import MlflowSink, client, set_status
+from runners.tracking import names
+from runners.tracking.runs import MlflowSink, client, set_status
 from sweeps.trial import Runtime, TrialConfig
 
 
@@ -33,7 +33,7 @@ class TrialJob:
 
 
 # Set, Ray leaves CUDA_VISIBLE_DEVICES as the node had it, and each trial selects the GPU Ray gave it: a
-# worker kept for several trials (runners.sweep.reuses_workers) can then move between GPUs.
+# worker kept for several trials (runners.scheduling.sweep.reuses_workers) can then move between GPUs.
 NOSET_CUDA = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 
 
@@ -93,8 +93,8 @@ def run_job(job: TrialJob, on_eval=None) -> dict:
     """Train one trial to the end (resuming if its folder holds a checkpoint); returns its TrialResult as a dict."""
     import torch
 
-    from runners.data import prepare_data
-    from runners.train import run_trial
+    from runners.data.store import prepare_data
+    from runners.training.train import run_trial
 
     _quiet_mlflow_retries()
     select_gpu()

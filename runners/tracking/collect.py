@@ -11,8 +11,8 @@ from __future__ import annotations
 import pandas as pd
 
 from fitting.points import COLUMNS
-from runners import names
-from runners.tracking import SweepRuns
+from runners.tracking import names
+from runners.tracking.runs import SweepRuns
 from sweeps.spec import FitSpec
 
 

@@ -19,7 +19,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from runners import names
+from runners.tracking import names
 
 BATCH = 1000  # MLflow's limit of metrics per log_batch request
 PARAMS_PER_REQUEST = 100

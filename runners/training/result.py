@@ -27,4 +27,4 @@ class TrialResult:
     # first logged interval (torch.compile warm-up) left out
     mfu: float | None = None  # GPU only
     final_val_bpb: float | None = None
-    numerics: str = ""  # runners.step.numerics of the last attempt
+    numerics: str = ""  # runners.training.step.numerics of the last attempt

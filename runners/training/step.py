@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from models import ModelConfig, flash4
-from runners.schedule import TrialSetupError
+from runners.training.schedule import TrialSetupError
 from sweeps.trial import Runtime, TrainConfig
 
 # Dense bf16 tensor-core peak, FLOP/s, by a substring of the device name. H200 has H100's compute.

@@ -38,12 +38,13 @@ import numpy as np
 import torch
 
 from models import build_model, flops_per_token
-from runners import checkpoint, names
-from runners.data import TokenData
-from runners.schedule import Plan, TrialSetupError, lr_at, plan_trial
-from runners.step import (Batch, accumulate_grads, apply_update, evaluate, make_optimizer, numerics, peak_flops,
+from runners.tracking import names
+from runners.training import checkpoint
+from runners.data.store import TokenData
+from runners.training.schedule import Plan, TrialSetupError, lr_at, plan_trial
+from runners.training.step import (Batch, accumulate_grads, apply_update, evaluate, make_optimizer, numerics, peak_flops,
                           pick_device, wants_compile, wants_flash4)
-from runners.trial_result import BranchResult, TrialResult
+from runners.training.result import BranchResult, TrialResult
 from sweeps.trial import Runtime, TrialConfig
 
 RESULT = "result.json"

@@ -3,8 +3,8 @@
 # ../shared/gpu/build-bundle.sh builds it from our requirements list; we then drop MLflow's web UI
 # (the GPU run never serves it) so the bundle and a corpus shard fit the 64 MiB a device call carries.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd); cd "$root"
-../shared/gpu/build-bundle.sh runners/device/requirements-gpu.txt .gpu
+root=$(cd "$(dirname "$0")/../../.." && pwd); cd "$root"
+../shared/gpu/build-bundle.sh runners/bench/device/requirements-gpu.txt .gpu
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 tar -xJf .gpu/site.tar.xz -C "$work"
 rm -rf "$work"/mlflow/server/js "$work"/ray/tests "$work"/pygments/lexers/_*.py.bak

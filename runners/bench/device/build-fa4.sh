@@ -3,7 +3,7 @@
 # network) as .fa4/a/part.00 and .fa4/b/part.01: one xz'd site tree (about 73 MB, mostly CuTe DSL's compiler) in
 # two pieces, since a call carries at most 64 MiB. A first call carries .fa4/a (run.sh stash-fa4 keeps it on the
 # machine), the next, within the 30 s the machine stays warm, carries .fa4/b with .gpu; run.sh puts it on the path.
-# Usage, from the project root: runners/device/build-fa4.sh   (a few minutes on 2 cores)
+# Usage, from the project root: runners/bench/device/build-fa4.sh   (a few minutes on 2 cores)
 set -euo pipefail
 WHEELS="flash-attn-4==4.0.0b36 quack-kernels==0.6.5 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1
         nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 cuda-bindings==13.5.0 cuda-pathfinder==1.9.1

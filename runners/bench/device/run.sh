@@ -3,9 +3,9 @@
 # run the named stages. What comes back is two files under $OUT (the device tool returns at most 8 files of
 # 16 MiB each): log.txt, and run.tar.xz holding results/ (laws, points, plots, benchmark log), the MLflow
 # store and the GPU utilisation samples, packed again after every stage so a cut-off call still returns them.
-#   run.sh bench                      models.bench moe_layer, runners.step_bench dense_step moe_step
-#   run.sh bench:NAME                 runners.step_bench NAME only (dense_step or moe_step)
-#   run.sh step:ARG,ARG,...           runners.step_bench with these arguments, e.g. step:dense_step,--d-model,768,--profile
+#   run.sh bench                      runners.bench.moe_layer moe_layer, runners.bench.step dense_step moe_step
+#   run.sh bench:NAME                 runners.bench.step NAME only (dense_step or moe_step)
+#   run.sh step:ARG,ARG,...           runners.bench.step with these arguments, e.g. step:dense_step,--d-model,768,--profile
 #   run.sh multigpu:SPEC              SPEC on one GPU, then on all: wall time, speedup, per-GPU busy fraction
 #   run.sh packing:SPEC               SPEC on one GPU, a trial at a time, then packed at its share
 #   run.sh packing-mps:SPEC           the same, packed under NVIDIA MPS
@@ -14,12 +14,12 @@
 #   run.sh stash-fa4                  keep .fa4/a's piece of FlashAttention-4 on the machine for the next call
 # DEADLINE (seconds from the start, default 540) stops a sweep's training with Ctrl-C; its finished trials
 # stay finished in the MLflow store, are exported, and the next call resumes the rest.
-# Carry [".gpu", ".data"]: .gpu/site.tar.xz from runners/device/build-bundle.sh; .data holds the corpus
+# Carry [".gpu", ".data"]: .gpu/site.tar.xz from runners/bench/device/build-bundle.sh; .data holds the corpus
 # slice and, between calls, the MLflow store (.data/mlflow.db) so a later call skips finished trials.
-# FlashAttention-4 (runners/device/build-fa4.sh) travels in two calls: `stash-fa4` with carry [".fa4/a"], then,
+# FlashAttention-4 (runners/bench/device/build-fa4.sh) travels in two calls: `stash-fa4` with carry [".fa4/a"], then,
 # while the machine is warm, this with ".fa4/b" added to the carry; without it, attention runs on torch's SDPA.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../../.."
 if [ "${1:-}" = stash-fa4 ]; then mkdir -p /tmp/fa4p && cp .fa4/a/part.00 /tmp/fa4p/ && exit 0; fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" .data
 mkdir -p /tmp/site && { [ -d /tmp/site/ray ] || tar -xJf .gpu/site.tar.xz -C /tmp/site; }
@@ -39,16 +39,16 @@ status=0
 for stage in "$@"; do
   echo "=== $stage $(date -u +%T)"
   case $stage in
-    bench) python -m models.bench moe_layer && python -m runners.step_bench dense_step moe_step ;;
-    bench:*) python -m runners.step_bench "${stage#bench:}" ;;
-    step:*) args=${stage#step:}; python -m runners.step_bench ${args//,/ } ;;
+    bench) python -m runners.bench.moe_layer moe_layer && python -m runners.bench.step dense_step moe_step ;;
+    bench:*) python -m runners.bench.step "${stage#bench:}" ;;
+    step:*) args=${stage#step:}; python -m runners.bench.step ${args//,/ } ;;
     test:*) args=${stage#test:}; python -m pytest -q -p no:cacheprovider -W ignore ${args//,/ } ;;
-    multigpu:*|packing:*) python -m runners.device.sweepbench "${stage%%:*}" "${stage#*:}" --util $work/gpu_util.csv ;;
-    packing-mps:*) python -m runners.device.sweepbench packing "${stage#*:}" --util $work/gpu_util.csv --mps ;;
+    multigpu:*|packing:*) python -m runners.bench.sweep "${stage%%:*}" "${stage#*:}" --util $work/gpu_util.csv ;;
+    packing-mps:*) python -m runners.bench.sweep packing "${stage#*:}" --util $work/gpu_util.csv --mps ;;
     # training under the deadline, then the export (whatever finished) outside it
     sweep:*) timeout --signal=INT $((DEADLINE - (SECONDS - start))) python -m runners.cli run "${stage#sweep:}" --no-fit
              python -m runners.cli export "${stage#sweep:}"
-             python -m runners.device.sweepstats "${stage#sweep:}" --util $work/gpu_util.csv ;;
+             python -m runners.bench.sweepstats "${stage#sweep:}" --util $work/gpu_util.csv ;;
     *) echo "unknown stage $stage"; false ;;
   esac 2>&1 | tee -a "$OUT/log.txt" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
