@@ -4,28 +4,16 @@ plus noise, joint and two-stage; bootstrap coverage; the optimum under a unique-
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy.optimize import minimize_scalar
 
 from fitting import fit_law, laws
 from fitting.data_constrained import optimal_under_data
 from fitting.errors import FitInputError
+from runners.bench.fit import MUENNIGHOFF, data_constrained_coverage, repeated_points
 
-# Muennighoff et al. 2023's fit (their eq. 7 and Table 1, rounded)
-TRUTH = dict(E=1.87, A=521.0, B=1488.0, alpha=0.35, beta=0.35, R_D_star=15.4, R_N_star=5.3)
+TRUTH = MUENNIGHOFF
 ONE_START = {"e": (0.5,), "a": (5.0,), "b": (5.0,), "alpha": (0.5,), "beta": (0.5,)}  # far from the truth
-
-
-def repeated_points(seed: int, noise: float = 0.005, sizes: int = 5) -> pd.DataFrame:
-    """Sizes 1e7..1e9 at unique budgets 1e8..1e10 for 1/4 to 64 epochs (U_N is 5e6..5e8 for these U, so many
-    models have excess parameters), and the same sizes on fresh data (U 1e13, one epoch at most)."""
-    rng = np.random.default_rng(seed)
-    N, U, epochs = (g.ravel() for g in np.meshgrid(np.logspace(7, 9, sizes), [1e8, 1e9, 1e10], [0.25, 1, 4, 16, 64]))
-    fresh_N, fresh_D = (g.ravel() for g in np.meshgrid(np.logspace(7, 9, sizes), np.logspace(9, 11, 4)))
-    N, D, U = np.r_[N, fresh_N], np.r_[U * epochs, fresh_D], np.r_[U, np.full(fresh_N.size, 1e13)]
-    loss = laws.data_constrained(N, D, U, **TRUTH) * (1 + noise * rng.standard_normal(N.size))
-    return pd.DataFrame({"N": N, "D": D, "unique_tokens": U, "loss": loss, "C": 6 * N * D})
 
 
 @pytest.mark.parametrize("fit", ["joint", "two-stage"])
@@ -42,13 +30,7 @@ def test_fit_recovers_the_coefficients_and_both_r_stars(fit):
 def test_bootstrap_intervals_cover_the_truth_over_repeats():
     """6 noisy data sets, 40 replicates each; at 95% coverage, 4 or fewer of 6 covering happens 3% of the time per
     coefficient. runners/bench/fit.py --coverage counts it over 100 repeats."""
-    covered = {k: 0 for k in ("alpha", "beta", "R_D_star", "R_N_star")}
-    for seed in range(6):
-        section = fit_law(repeated_points(seed, noise=0.01, sizes=4), "data_constrained", grid=ONE_START,
-                          bootstrap=40, seed=seed)
-        for k in covered:
-            low, high = section["ci"][k]
-            covered[k] += low <= TRUTH[k] <= high
+    covered = data_constrained_coverage(repeats=6, replicates=40)
     assert all(n >= 5 for n in covered.values()), covered
 
 
