@@ -93,6 +93,8 @@ def _print_fit(doc: dict, paths: list[Path]) -> None:
     for name, section in doc["laws"].items():
         coefs = ", ".join(f"{k} = {_fmt(v, section['ci'].get(k))}" for k, v in section["params"].items())
         print(f"{name}: {coefs}  ({section['n_points']} points)")
+        for coefficient, why in section.get("not_identified", {}).items():
+            print(f"  {coefficient} not identified: {why}")
         if section.get("derived"):
             print("  " + ", ".join(f"{k} = {_fmt(v, section['derived_ci'].get(k))}" for k, v in section["derived"].items()))
         if "extrapolation" in section:
