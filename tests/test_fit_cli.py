@@ -135,10 +135,12 @@ def test_fit_into_a_folder_writes_its_law_json(points_csv, tmp_path):
 def test_data_constrained_from_fit_to_predict_under_a_data_budget(tmp_path, capsys):
     from runners.bench.fit import MUENNIGHOFF, repeated_points
 
-    repeated_points(seed=3, sizes=4).to_csv(tmp_path / "repeat.csv", index=False)
-    out = tmp_path / "law.json"
-    assert main(["fit", "--points", str(tmp_path / "repeat.csv"), "--law", "data_constrained", "--out", str(out),
-                 "--bootstrap", "20"]) == 0
+    from fitting import fit_law, lawfile
+
+    one_start = {"e": (0.5,), "a": (5.0,), "b": (5.0,), "alpha": (0.5,), "beta": (0.5,)}  # `scaling fit` searches 4,500
+    section = fit_law(repeated_points(seed=3, sizes=4), "data_constrained", grid=one_start, bootstrap=20)
+    out = lawfile.write(tmp_path / "law.json", lawfile.document({"data_constrained": section}, meta={},
+                        conventions=lawfile.conventions(params=None, flops=None)))
     law = load_law(out)
     C, U = 1e21, 1e9
     opt = law.optimal(C, unique_tokens=U)
