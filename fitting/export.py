@@ -18,7 +18,6 @@ from rich.table import Table
 from fitting import lawfile
 from fitting.errors import FitInputError
 from fitting.isoflop import budgets_of
-from fitting.parametric import fit_parametric
 from fitting.table import flops_per_param_token, is_final, parametric_rows
 
 
@@ -97,7 +96,8 @@ def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: st
 
     def surface(law: str, rows: pd.DataFrame, holdout_above: float | None = None):
         _identifiable(rows)
-        section = fit_parametric(rows, law, delta=delta, holdout_above=holdout_above, **options)
+        backtest = {} if holdout_above is None else {"holdout_above": holdout_above}
+        section = _fit(law, rows, {**options, "delta": delta, **backtest})
         _physical(law, section["params"])
         return section
 
@@ -112,7 +112,7 @@ def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: st
             if law in fitted.sections:
                 _holdout_largest_budget(fitted, law, rows, partial(surface, law, rows))
     if _repeats_data(dense):
-        _try(fitted, "data_constrained", lambda: _fit("data_constrained", dense, {**options, "delta": delta}))
+        _try(fitted, "data_constrained", lambda: surface("data_constrained", dense))
     if "budget" in points.columns and points["budget"].notna().any():
         _try(fitted, "isoflop", lambda: _fit("isoflop", tuned[tuned["budget"].notna()], options))
     if _varies(points, "lr") or _varies(points, "batch_size"):
