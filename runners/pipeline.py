@@ -166,7 +166,9 @@ def run(spec: SweepSpec, *, address: str | None, fit: bool = True, cache_dir: Pa
     if isinstance(trials, GridSource):
         print_caveats(spec, trials.planned)
     runs = SweepRuns(spec.name)  # creates the store and experiment once, before any worker opens it
-    prepare_data(spec.data, cache_dir)  # tokenize once here, so the trials find the cache and bad data fails early
+    data = prepare_data(spec.data, cache_dir)  # tokenize once here, so the trials find the cache and bad data fails early
+    for unique in spec.data.unique_tokens or []:  # a budget beyond the split: one line now, not a failed trial each
+        data.with_unique_tokens(unique, spec.model.seq_len)
     started = connect(address)
     try:
         if spec.runtime.device == "cuda" and not ray.cluster_resources().get("GPU"):

@@ -99,6 +99,15 @@ def test_cuda_asked_on_a_cluster_without_gpus_is_one_line_exit_2(tmp_path, sqlit
     assert "runtime.device: 'cuda' but the Ray cluster has no GPUs" in capsys.readouterr().err
 
 
+def test_unique_tokens_beyond_the_training_split_is_one_line_exit_2_before_any_trial(tmp_path, sqlite_uri, capsys):
+    spec = tiny_spec(tmp_path, name="toomuch", data={"unique_tokens": [16_384, 10**8]})
+    assert main(["run", str(spec)]) == 2
+    err = capsys.readouterr().err  # MLflow's own INFO lines about creating the store come first
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: data.unique_tokens: 100000000 is not between one sequence (32) and the training split")
+    assert "Traceback" not in err and not SweepRuns("toomuch", sqlite_uri).runs(names.ROLE_TRIAL)
+
+
 def test_export_before_any_trial_trained_is_one_line_exit_2(tmp_path, sqlite_uri, capsys):
     spec = tiny_spec(tmp_path, name="untrained")
     assert main(["export", str(spec)]) == 2
