@@ -23,7 +23,7 @@ import torch
 from fitting import laws
 from fitting.bootstrap import intervals, replicate_weights
 from fitting.errors import FitInputError
-from fitting.parametric import (FORMS, MIN_POINTS, POLISH_FTOL, POLISH_GTOL, SEARCH_FTOL, SEARCH_ITER, Form,
+from fitting.parametric import (MIN_POINTS, POLISH_FTOL, POLISH_GTOL, SEARCH_FTOL, SEARCH_ITER, Form,
                                 _best, _bootstrap, _distinct_optima, _r2, fit_parametric, huber_objective, lbfgs,
                                 torch_dtype)
 from fitting.table import check, data_hash, flops_per_param_token, groups, parametric_rows
@@ -87,7 +87,7 @@ def _base_start(section: dict) -> np.ndarray:
     return np.array([np.log(p["E"]), np.log(p["A"]), np.log(p["B"]), p["alpha"], p["beta"]])
 
 
-def single_epoch(points: pd.DataFrame) -> pd.DataFrame:
+def _single_epoch(points: pd.DataFrame) -> pd.DataFrame:
     return points[points["D"] <= points["unique_tokens"]]
 
 
@@ -120,7 +120,7 @@ def fit_data_constrained(points: pd.DataFrame, *, fit: str = "joint", delta: flo
     if len(used) < MIN_POINTS["chinchilla"] + 2:
         raise FitInputError(f"law data_constrained needs at least {MIN_POINTS['chinchilla'] + 2} points, the table "
                             f"has {len(used)} usable")
-    single = single_epoch(used)
+    single = _single_epoch(used)
     if fit == "two-stage":
         base_rows = _unrepeated(single, delta, grid)
     else:
