@@ -7,7 +7,7 @@ import pandas as pd
 from fitting.errors import FitInputError
 from fitting.lawfile import Law, load_law
 
-LAWS = ("chinchilla", "kaplan", "moe", "power", "envelope", "isoflop", "hparams")
+LAWS = ("chinchilla", "kaplan", "moe", "power", "data_constrained", "envelope", "isoflop", "hparams")
 
 __all__ = ["LAWS", "FitInputError", "Law", "fit_law", "hparams_at", "load_law"]
 
@@ -16,12 +16,16 @@ def fit_law(points: pd.DataFrame, law: str, **options) -> dict:
     """Fit one law to a points table; returns its section of law.json (for hparams: the hparams section).
 
     Options: bootstrap, seed, resample ('points' | 'trials'); parametric laws also delta (Huber),
-    x and offset (power), holdout_above, grid.
+    x and offset (power), holdout_above, grid; data_constrained also fit ('joint' | 'two-stage'), delta, grid.
     """
     if law in ("chinchilla", "kaplan", "moe", "power"):
         from fitting.parametric import fit_parametric
 
         return fit_parametric(points, law, **options)
+    if law == "data_constrained":
+        from fitting.data_constrained import fit_data_constrained
+
+        return fit_data_constrained(points, **options)
     if law == "envelope":
         from fitting.envelope import fit_envelope
 

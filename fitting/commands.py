@@ -25,6 +25,9 @@ def add_fit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--x", choices=["N", "D", "C"], default="N", help="the variable of --law power")
     p.add_argument("--no-offset", action="store_true", help="--law power without the constant E")
+    p.add_argument("--fit-stages", choices=["joint", "two-stage"], default="joint",
+                   help="--law data_constrained: all coefficients at once, or the paper's two stages (chinchilla on "
+                        "single-epoch points, then R_D* and R_N*)")
     p.add_argument("--holdout-above", type=float, default=None,
                    help="fit only points with C at or below this and report the error on those above")
     p.set_defaults(func=cmd_fit)
@@ -40,6 +43,8 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     what.add_argument("--loss", type=float, help="target loss: the least compute that reaches it")
     p.add_argument("--D", type=float, help="training tokens, with --N")
     p.add_argument("--E", type=float, default=1.0, help="experts (moe law); 1 is dense")
+    p.add_argument("--unique-tokens", type=float, default=None,
+                   help="with --compute: the optimum when only this many unique tokens exist (data_constrained law)")
     p.set_defaults(func=cmd_predict)
     return p
 
@@ -68,6 +73,8 @@ def cmd_fit(args) -> int:
             options.update(delta=args.huber_delta, holdout_above=args.holdout_above)
         if args.law == "power":
             options.update(x=args.x, offset=not args.no_offset)
+        if args.law == "data_constrained":
+            options.update(delta=args.huber_delta, fit=args.fit_stages)
         doc = lawfile.document({args.law: fit_law(points, args.law, **options)}, conventions=conv, meta=meta)
     from fitting.export import write_law_files
 
@@ -86,6 +93,8 @@ def _print_fit(doc: dict, paths: list[Path]) -> None:
     for name, section in doc["laws"].items():
         coefs = ", ".join(f"{k} = {_fmt(v, section['ci'].get(k))}" for k, v in section["params"].items())
         print(f"{name}: {coefs}  ({section['n_points']} points)")
+        for coefficient, why in section.get("not_identified", {}).items():
+            print(f"  {coefficient} not identified: {why}")
         if section.get("derived"):
             print("  " + ", ".join(f"{k} = {_fmt(v, section['derived_ci'].get(k))}" for k, v in section["derived"].items()))
         if "extrapolation" in section:
@@ -102,8 +111,12 @@ def _print_fit(doc: dict, paths: list[Path]) -> None:
 
 def cmd_predict(args) -> int:
     law = lawfile.load_law(args.law)
-    for name in ("--compute", "--N", "--D", "--E", "--loss"):
-        _check_positive(name, getattr(args, name[2:]))
+    for name in ("--compute", "--N", "--D", "--E", "--loss", "--unique-tokens"):
+        _check_positive(name, getattr(args, name[2:].replace("-", "_")))
+    if args.unique_tokens is not None:
+        if args.compute is None:
+            raise FitInputError("--unique-tokens goes with --compute: the optimum at a compute under that data budget")
+        return _predict_under_data(law, args.compute, args.unique_tokens, args.E)
     if args.N is not None:
         if args.D is None:
             raise FitInputError("--N needs --D (training tokens)")
@@ -130,6 +143,18 @@ def cmd_predict(args) -> int:
     if opt["loss"] is not None:  # the bootstrap sees noise only; the total adds the backtest's extrapolation error
         print(f"  {'loss, total':<18} {_fmt(opt['loss'], opt['loss_ci_total'])}  ({opt['loss_ci_total_method']})")
     _print_hparams(law, opt["N_opt"], opt["D_opt"], compute)
+    return 0
+
+
+def _predict_under_data(law, compute: float, unique_tokens: float, E: float) -> int:
+    opt = law.optimal(compute, E, unique_tokens=unique_tokens)
+    print(f"C = {compute:.4g} FLOPs with {unique_tokens:.4g} unique tokens (from the data_constrained law):")
+    for key, label in (("N_opt", "N_opt"), ("D_opt", "D_opt"), ("epochs", "epochs"), ("loss", "loss (nats/token)"),
+                       ("loss_lost", "loss lost"), ("tokens_per_param", "tokens/param")):
+        print(f"  {label:<18} {_fmt(opt[key], opt[key + '_ci'])}")
+    print("  (loss lost: against the same law's optimum with unlimited unique data)")
+    for name, why in opt["not_identified"].items():
+        print(f"  {name} not identified: {why}")
     return 0
 
 

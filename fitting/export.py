@@ -18,7 +18,6 @@ from rich.table import Table
 from fitting import lawfile
 from fitting.errors import FitInputError
 from fitting.isoflop import budgets_of
-from fitting.parametric import fit_parametric
 from fitting.table import flops_per_param_token, is_final, parametric_rows
 
 
@@ -76,10 +75,19 @@ def _physical(law: str, params: dict) -> None:
                             f"hyperparameters, or add sizes and token counts")
 
 
+def _repeats_data(points: pd.DataFrame) -> bool:
+    """Some final point trained on repeated data (more than one epoch of its unique tokens)."""
+    if "unique_tokens" not in points.columns:
+        return False
+    final, _ = parametric_rows(points)
+    return bool((final["D"] > final["unique_tokens"]).any())
+
+
 def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: str = "points",
             delta: float = 1e-3) -> Fitted:
     """chinchilla (dense rows), moe (when E varies), envelope (curves with C), isoflop (budgets), hparams
-    (when lr or batch_size vary), and the extrapolation backtest of chinchilla and moe on the largest budget.
+    (when lr or batch_size vary), data_constrained (dense rows, when some final point repeats its data),
+    and the extrapolation backtest of chinchilla and moe on the largest budget.
     The loss laws see each cell's best run when hyperparameters vary; the hparams laws see every run."""
     fitted = Fitted()
     options = {"bootstrap": bootstrap, "seed": seed, "resample": resample}
@@ -88,7 +96,8 @@ def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: st
 
     def surface(law: str, rows: pd.DataFrame, holdout_above: float | None = None):
         _identifiable(rows)
-        section = fit_parametric(rows, law, delta=delta, holdout_above=holdout_above, **options)
+        backtest = {} if holdout_above is None else {"holdout_above": holdout_above}
+        section = _fit(law, rows, {**options, "delta": delta, **backtest})
         _physical(law, section["params"])
         return section
 
@@ -102,6 +111,8 @@ def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: st
         for law, rows in (("chinchilla", dense), ("moe", tuned)):  # moe, when fitted, is the law optimal() uses
             if law in fitted.sections:
                 _holdout_largest_budget(fitted, law, rows, partial(surface, law, rows))
+    if _repeats_data(dense):
+        _try(fitted, "data_constrained", lambda: surface("data_constrained", dense))
     if "budget" in points.columns and points["budget"].notna().any():
         _try(fitted, "isoflop", lambda: _fit("isoflop", tuned[tuned["budget"].notna()], options))
     if _varies(points, "lr") or _varies(points, "batch_size"):
@@ -151,7 +162,8 @@ class ExportSummary:
             cis = {**section["ci"], **section.get("derived_ci", {})}
             for k, v in values.items():
                 ci = cis.get(k)
-                table.add_row(name, k, f"{v:.4g}", f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "-")
+                unknown = k in section.get("not_identified", {})
+                table.add_row(name, k, f"{v:.4g}", "not identified" if unknown else f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "-")
         for name, section in (self.doc.get("hparams") or {}).items():
             if isinstance(section, dict) and "form" in section:  # the fitted hparams laws, e.g. lr = k * C**a
                 for k, v in section.items():

@@ -12,11 +12,13 @@
           the same law refitted below the largest budget and scored on it (fitting/parametric.py): holdout_above,
           n_held_out, mean_abs_relative_error, max_abs_relative_error, rms_relative_error, mean_relative_error
           (signed, predicted / actual - 1), fitted_max_C, held_out_max_C, factor (their ratio), points,
+          The data_constrained section (fitting/data_constrained.py) adds n_single_epoch, n_base and
+          not_identified ({coefficient: why the points cannot determine it}; its ci is then null),
   "hparams": the learning-rate and batch-size laws (fitting/hparams.py), when fitted,
   "failed": {name: why that law (or "<law> extrapolation", its backtest) could not be fitted}
 }
 
-Law.optimal(C) returns N_opt, D_opt, loss, tokens_per_param, each with a bootstrap interval (<key>_ci), the
+Law.optimal(C[, unique_tokens=U]) returns N_opt, D_opt, loss, tokens_per_param, each with a bootstrap interval (<key>_ci), the
 law it used, and loss_ci_total: loss_ci widened on each side in quadrature by systematic_rel * loss, where
 systematic_rel = rms_relative_error of that law's backtest x max(1, ln(C / largest C fitted) / ln(factor));
 loss_ci_total_method says how, or why there is no total interval (None).
@@ -140,12 +142,16 @@ class Law:
         reps = None if samples is None else laws.as_dense(name, samples, E)
         return laws.as_dense(name, section["params"], E), reps
 
-    def optimal(self, C, E=1) -> dict:
+    def optimal(self, C, E=1, unique_tokens: float | None = None) -> dict:
         """N_opt, D_opt, loss and tokens per parameter at compute C, each with its interval (None without bootstrap),
         `law`: the section they come from, and loss_ci_total (see the module docstring).
 
         From the closed form of the moe (or chinchilla) law; from N_opt = k_N C^a, D_opt = k_D C^b of the
-        isoflop or envelope fit when the file has no parametric law (then loss is None)."""
+        isoflop or envelope fit when the file has no parametric law (then loss is None). With unique_tokens U:
+        the optimum when only U unique tokens exist, from the data_constrained section, with epochs (D_opt / U)
+        and loss_lost (against unlimited data) besides."""
+        if unique_tokens is not None:
+            return self._optimal_under_data(C, E, unique_tokens)
         dense = self._dense(E)
         if dense is not None:
             name = self._dense_law(E)
@@ -168,6 +174,25 @@ class Law:
                      else (None, f"the {name} law gives no loss"))
         total = None if s is None else widened(result["loss"], result["loss_ci"], s)
         return result | {"loss_ci_total": total, "systematic_rel": s, "loss_ci_total_method": method}
+
+    def _optimal_under_data(self, C, E, unique_tokens: float) -> dict:
+        from fitting.data_constrained import optimal_under_data
+
+        section = self.laws.get("data_constrained")
+        if section is None:
+            raise FitInputError("--unique-tokens needs a data_constrained law in the law file; fit one with "
+                                "`scaling fit --law data_constrained` on points with a unique_tokens column")
+        if E != 1:
+            raise FitInputError("the data_constrained law has no experts term; give E = 1 with --unique-tokens")
+        out = optimal_under_data(section["params"], C, unique_tokens, flops_per_param_token=self.k)
+        samples = self._samples(section)
+        spread = optimal_under_data(samples, C, unique_tokens, flops_per_param_token=self.k) if samples else None
+        result = {"law": "data_constrained", "unique_tokens": float(unique_tokens)}
+        for k, v in out.items():
+            result[k] = v
+            result[f"{k}_ci"] = interval(spread[k]) if spread is not None else None
+        return result | {"loss_ci_total": None, "systematic_rel": None, "not_identified": section.get("not_identified", {}),
+                         "loss_ci_total_method": "the data_constrained law has no extrapolation backtest"}
 
     def compute_for_loss(self, L: float, E=1) -> float:
         dense = self._dense(E)

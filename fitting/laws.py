@@ -16,6 +16,7 @@ PARAMS = {
     "kaplan": ("N_c", "D_c", "alpha_N", "alpha_D"),
     "moe": ("sigma", "A", "B", "alpha", "beta", "gamma"),
     "power": ("E", "A", "alpha"),
+    "data_constrained": ("E", "A", "B", "alpha", "beta", "R_D_star", "R_N_star"),
 }
 
 
@@ -37,6 +38,30 @@ def moe(N, D, E_experts=1, *, sigma, A, B, alpha, beta, gamma):
 def power(x, *, E=0.0, A, alpha):
     """L = E + A x^-alpha, x being N, D or C; E = 0 is the law without an offset."""
     return E + A / np.power(x, alpha)
+
+
+def effective(unique, total, r_star):
+    """Muennighoff et al. 2023 eq. 5: U + U R* (1 - exp(-R / R*)), R = total / U - 1 the repetitions past the
+    first pass (none when total <= U, which is then all unique): repeated tokens (or excess parameters) are worth less and less, and
+    never more than R* times U."""
+    total = np.asarray(total, float)
+    unique = np.minimum(np.asarray(unique, float), total)  # fewer than U: all of them unique, D' = D
+    return unique + unique * r_star * -np.expm1(-(total / unique - 1.0) / r_star)
+
+
+def optimal_params_for_data(U, *, A, B, alpha, beta):
+    """U_N: the compute-optimal N of the chinchilla law for D_opt = U tokens (Muennighoff et al. 2023, 3.2):
+    from D_opt = (C/k)^b / G and N_opt = G (C/k)^a, N_opt = G^(1 + beta/alpha) U^(beta/alpha)."""
+    alpha, beta = np.asarray(alpha, float), np.asarray(beta, float)
+    G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+    return G ** (1.0 + beta / alpha) * np.asarray(U, float) ** (beta / alpha)
+
+
+def data_constrained(N, D, U, *, E, A, B, alpha, beta, R_D_star, R_N_star):
+    """L = E + A / N'^alpha + B / D'^beta with D' = effective(U, D, R_D*) and N' = effective(U_N, N, R_N*),
+    U_N = min(optimal_params_for_data(U), N) (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models")."""
+    u_n = np.minimum(optimal_params_for_data(U, A=A, B=B, alpha=alpha, beta=beta), np.asarray(N, float))
+    return chinchilla(effective(u_n, N, R_N_star), effective(U, D, R_D_star), E=E, A=A, B=B, alpha=alpha, beta=beta)
 
 
 def as_dense(law: str, params: dict, E_experts: float = 1.0) -> dict:

@@ -159,9 +159,40 @@ def dense_against_moe(doc: dict, points: pd.DataFrame, path: Path) -> Path | Non
     return _save(fig, path)
 
 
+def effective_data(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
+    """Effective data D' against D for each unique-token budget U (data_constrained law, 95% band over its
+    replicates of R_D*), D' = D for reference, and each final point's D' as its loss implies it (the law
+    inverted for D' at the point's N': where that loss lies above the law's other terms)."""
+    section = doc["laws"].get("data_constrained")
+    if not section or "unique_tokens" not in points.columns:
+        return None
+    p = section["params"]
+    rows, _ = parametric_rows(points)
+    rows = rows[rows["E"] == 1] if "E" in rows.columns else rows
+    budgets = np.sort(rows["unique_tokens"].unique())[-8:]
+    samples = section.get("bootstrap", {}).get("samples", {}).get("R_D_star")
+    d = np.logspace(np.log10(rows["D"].min()), np.log10(rows["D"].max()), 60)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.plot(d, d, "k:", lw=1, label="D' = D (unlimited unique data)")
+    for u, color in zip(budgets, plt.cm.viridis(np.linspace(0, 0.9, len(budgets)))):
+        ax.plot(d, laws.effective(u, d, p["R_D_star"]), color=color, label=f"U = {u:.3g}")
+        if samples and "R_D_star" not in section.get("not_identified", {}):
+            band = laws.effective(u, d[None], np.asarray(samples)[:, None])
+            ax.fill_between(d, *np.percentile(band, [2.5, 97.5], axis=0), color=color, alpha=0.15)
+        mine = rows[rows["unique_tokens"] == u]
+        u_n = np.minimum(laws.optimal_params_for_data(u, **{k: p[k] for k in ("A", "B", "alpha", "beta")}), mine["N"])
+        rest = mine["loss"] - p["E"] - p["A"] / laws.effective(u_n, mine["N"], p["R_N_star"]) ** p["alpha"]
+        implied = (p["B"] / rest.where(rest > 0)) ** (1 / p["beta"])
+        ax.scatter(mine["D"], implied, color=color, s=14)
+    ax.set(xscale="log", yscale="log", xlabel="D (training tokens)", ylabel="D' (effective tokens)",
+           title=f"effective data (R_D* = {p['R_D_star']:.3g}; Muennighoff et al. 2023)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 PLOTS = {"loss_vs_C.png": loss_vs_compute, "isoflop.png": isoflop_profiles, "fit_residuals.png": residuals,
          "law_vs_points.png": law_against_points, "optimal_allocation.png": optimal_allocation,
-         "dense_vs_moe.png": dense_against_moe}
+         "dense_vs_moe.png": dense_against_moe, "effective_data.png": effective_data}
 
 
 def plot_all(doc: dict, points: pd.DataFrame, out_dir: Path) -> tuple[list[Path], dict[str, str]]:

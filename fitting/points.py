@@ -35,6 +35,8 @@ OPTIONAL = (
     "C_6N",
     "C_exact",
     "status",        # finished | diverged | pruned | failed | killed
+    "unique_tokens",  # distinct training tokens the trial drew from (data.unique_tokens, else the whole split)
+    "epochs",        # passes over them at this point: D / unique_tokens (> 1: some tokens were seen again)
 )
 
 COLUMNS = REQUIRED + OPTIONAL

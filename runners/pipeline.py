@@ -100,6 +100,8 @@ def plan_table(spec: SweepSpec, planned: list[PlannedTrial]) -> pd.DataFrame:
             "D": p.D, "budget": p.trial.budget, "flops_6N": p.flops_6N, "flops_exact": p.flops_exact,
             "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
             "lr": t.lr, "batch_size": t.batch_size, "seed": t.seed, "branches": " ".join(map(str, t.schedule.branches)),
+            "unique_tokens": p.trial.data.unique_tokens,
+            "epochs": p.D / p.trial.data.unique_tokens if p.trial.data.unique_tokens else None,
             "est_seconds": p.compute_exact / rate,
         })
     table = pd.DataFrame(rows)
@@ -119,6 +121,8 @@ def print_caveats(spec: SweepSpec, planned: list[PlannedTrial]) -> None:
 def print_plan(spec: SweepSpec, table: pd.DataFrame) -> None:
     show = Table(title=f"sweep {spec.name}: {len(table)} trials")
     cols = ["trial_id", "family", "E", "N_active", "D", "budget", "d_model", "n_layers", "lr", "batch_size", "flops_6N", "est_seconds"]
+    if spec.data.unique_tokens is not None:  # data-constrained sweeps: how often each trial repeats its data
+        cols[5:5] = ["unique_tokens", "epochs"]
     for c in cols:
         show.add_column(c, justify="right")
     for _, r in table.iterrows():
@@ -162,7 +166,9 @@ def run(spec: SweepSpec, *, address: str | None, fit: bool = True, cache_dir: Pa
     if isinstance(trials, GridSource):
         print_caveats(spec, trials.planned)
     runs = SweepRuns(spec.name)  # creates the store and experiment once, before any worker opens it
-    prepare_data(spec.data, cache_dir)  # tokenize once here, so the trials find the cache and bad data fails early
+    data = prepare_data(spec.data, cache_dir)  # tokenize once here, so the trials find the cache and bad data fails early
+    for unique in spec.data.unique_tokens or []:  # a budget beyond the split: one line now, not a failed trial each
+        data.with_unique_tokens(unique, spec.model.seq_len)
     started = connect(address)
     try:
         if spec.runtime.device == "cuda" and not ray.cluster_resources().get("GPU"):

@@ -153,10 +153,19 @@ class Cell:
         return PlannedTrial(trial, count_params(self.model), flops_per_token(self.model))
 
 
+def _data_configs(spec: SweepSpec, content_hash: str) -> list[DataConfig]:
+    """One DataConfig per unique-token budget (one without a cap when the spec sets none); each budget in
+    whole sequences, so a trial sees exactly that many distinct input tokens."""
+    seq = spec.model.seq_len
+    budgets = [None] if spec.data.unique_tokens is None else [_round_tokens(u, seq) for u in spec.data.unique_tokens]
+    return [DataConfig(**spec.data.model_dump() | {"content_hash": content_hash, "unique_tokens": u})
+            for u in dict.fromkeys(budgets)]
+
+
 def cells(spec: SweepSpec, *, vocab_size: int, content_hash: str) -> list[Cell]:
-    """The grid's scales, in grid order."""
-    data = DataConfig(**spec.data.model_dump() | {"content_hash": content_hash})
-    return [Cell(cfg, tokens, budget, data, spec.train) for cfg, tokens, budget in _model_and_tokens(spec, vocab_size)]
+    """The grid's scales, in grid order, each crossed with the unique-token budgets."""
+    return [Cell(cfg, tokens, budget, data, spec.train) for cfg, tokens, budget in _model_and_tokens(spec, vocab_size)
+            for data in _data_configs(spec, content_hash)]
 
 
 def expand(spec: SweepSpec, *, vocab_size: int, content_hash: str, hparams_at: HparamsAt | None = None) -> list[PlannedTrial]:

@@ -31,6 +31,26 @@ class Shape(Frozen):
     d_ff: int = Field(ge=8)
 
 
+class DataSpec(DataConfig):
+    """The data of every trial; unique_tokens may be a list (an axis) of unique-token budgets."""
+
+    unique_tokens: list[int] | None = Field(
+        None, description="cap the distinct training tokens each trial sees (repeated in epochs); a list is an axis"
+    )
+
+    @field_validator("unique_tokens", mode="before")
+    @classmethod
+    def _wrap(cls, v):
+        return None if v is None else [int(float(u)) if isinstance(u, (int, float, str)) else u for u in _as_list(v)]
+
+    @field_validator("unique_tokens")
+    @classmethod
+    def _positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(u < 1 for u in v)):
+            raise ValueError("unique_tokens must be positive token counts such as 28e6, or a list of them")
+        return v
+
+
 class ModelSpec(Frozen):
     """Model axes. Target sizes are active non-embedding parameters (= non-embedding for dense)."""
 
@@ -175,7 +195,7 @@ class SweepSpec(Frozen):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="letters, digits, '.', '_', '-'")
     description: str = ""
-    data: DataConfig = DataConfig()
+    data: DataSpec = DataSpec()
     model: ModelSpec = ModelSpec()
     grid: Grid
     train: TrainSpec = TrainSpec()

@@ -37,6 +37,10 @@ class DataConfig(Frozen):
     val_tokens: int = Field(65536, ge=256, description="tokens of the fixed validation set each evaluation reads")
     max_bytes: int | None = Field(None, ge=1, description="read at most this many bytes of text (whole documents, in a fixed order)")
     content_hash: str = Field("", description="filled in by sweep expansion: hash of the source files' bytes")
+    unique_tokens: int | None = Field(
+        None, ge=1, description="train on the first this many tokens of the training split only, repeated in "
+        "epochs (a whole number of sequences); None = the whole split. Part of the trial's identity only when set"
+    )
 
     @model_validator(mode="after")
     def _tokenizer_options(self) -> DataConfig:
@@ -109,9 +113,18 @@ class TrialConfig(Frozen):
         return trial_id(self)
 
 
+# Fields added after trials were first hashed: left out of the hash while unset, so older trials keep their ids.
+UNHASHED_WHEN_UNSET = {"data": ("unique_tokens",)}
+
+
 def trial_id(trial: TrialConfig) -> str:
     """12 hex digits of the sha256 of the canonical JSON of the trial (sorted keys, no whitespace)."""
-    canonical = json.dumps(trial.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    content = trial.model_dump(mode="json")
+    for section, fields in UNHASHED_WHEN_UNSET.items():
+        for name in fields:
+            if content[section][name] is None:
+                del content[section][name]
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 

@@ -350,3 +350,18 @@ def test_gutenberg_shard_reads_as_documents(tmp_path):
     assert len(docs) >= 2 and all(END_OF_DOCUMENT not in d and not d.endswith("\n") for d in docs)
     data = prepare_data(cfg, tmp_path / "cache")
     assert len(data.train) + len(data.val) == sum(len(d.encode()) + 1 for d in docs)
+
+
+def test_unique_tokens_caps_the_distinct_positions_a_trial_sees_and_repeats_them_in_epochs():
+    seq_len, n_seqs, unique = 16, 8, 16 * 40  # 40 windows of the 100 the split holds
+    capped = counting_data(17 * 100).with_unique_tokens(unique, seq_len)
+    steps = 4 * unique // (n_seqs * seq_len)  # D = 4 U
+    xs = np.concatenate([capped.train_batch(step * n_seqs, n_seqs, seq_len, seed=7)[0] for step in range(steps)])
+    positions, counts = np.unique(xs, return_counts=True)
+    assert len(positions) == unique and positions.max() < 40 * 17  # exactly U, all from the first U tokens' windows
+    assert (counts == 4).all() and capped.epochs(steps * n_seqs * seq_len, seq_len) == 4.0
+    other_seed = capped.train_batch(0, n_seqs, seq_len, seed=8)[0]
+    assert not np.array_equal(other_seed, xs[:n_seqs])  # the order of the epochs is the seed's
+    assert counting_data(17 * 100).with_unique_tokens(None, seq_len).n_windows(seq_len) == 100
+    with pytest.raises(DataError, match=r"^data\.unique_tokens: 3200 is not between one sequence \(16\) and "):
+        counting_data(17 * 100).with_unique_tokens(3200, seq_len)

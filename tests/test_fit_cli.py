@@ -80,6 +80,9 @@ def test_predict_loss_at_n_d_and_compute_for_a_loss(law_json, capsys):
     (["predict", "--law", "{law}", "--loss", "1.0"], "not above the law's irreducible loss"),
     (["predict", "--law", "{law}", "--N", "1e9", "--D", "1e10", "--E", "8"], "no experts term"),
     (["fit", "--points", "{points}", "--params", "total"], "--params total needs a 'N_total' column"),
+    (["predict", "--law", "{law}", "--compute", "1e21", "--unique-tokens", "1e9"], "--unique-tokens needs a data_constrained law"),
+    (["predict", "--law", "{law}", "--N", "1e9", "--D", "1e10", "--unique-tokens", "1e9"], "--unique-tokens goes with --compute"),
+    (["fit", "--points", "{points}", "--law", "data_constrained"], "needs a 'unique_tokens' column"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, law_json, points_csv, capsys):
     args = [a.format(law=law_json, points=points_csv) for a in args]
@@ -127,3 +130,27 @@ def test_predict_from_a_file_of_hparams_laws_alone_gives_lr_at_the_compute(tmp_p
 def test_fit_into_a_folder_writes_its_law_json(points_csv, tmp_path):
     assert main(["fit", "--points", str(points_csv), "--law", "power", "--x", "N", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "law.json").read_text())["law"] == "power"
+
+
+def test_data_constrained_from_fit_to_predict_under_a_data_budget(tmp_path, capsys):
+    from runners.bench.fit import MUENNIGHOFF, repeated_points
+
+    from fitting import fit_law, lawfile
+
+    one_start = {"e": (0.5,), "a": (5.0,), "b": (5.0,), "alpha": (0.5,), "beta": (0.5,)}  # `scaling fit` searches 4,500
+    section = fit_law(repeated_points(seed=3, sizes=4), "data_constrained", grid=one_start, bootstrap=20)
+    out = lawfile.write(tmp_path / "law.json", lawfile.document({"data_constrained": section}, meta={},
+                        conventions=lawfile.conventions(params=None, flops=None)))
+    law = load_law(out)
+    C, U = 1e21, 1e9
+    opt = law.optimal(C, unique_tokens=U)
+    from fitting.data_constrained import optimal_under_data
+
+    truth = optimal_under_data(MUENNIGHOFF, C, U)
+    assert opt["N_opt_ci"][0] < opt["N_opt"] < opt["N_opt_ci"][1]
+    assert opt["loss"] == pytest.approx(truth["loss"], rel=0.02) and opt["epochs"] == pytest.approx(opt["D_opt"] / U)
+    assert opt["loss_lost"] > 0 and opt["loss_lost_ci"][0] <= opt["loss_lost"] <= opt["loss_lost_ci"][1]
+    capsys.readouterr()
+    assert main(["predict", "--law", str(out), "--compute", str(C), "--unique-tokens", str(U)]) == 0
+    printed = capsys.readouterr().out
+    assert f"epochs             {opt['epochs']:.4g} [" in printed and "loss lost" in printed

@@ -154,3 +154,19 @@ def test_a_plot_that_cannot_be_drawn_is_reported_and_the_law_files_stay(tmp_path
     paths, failed = plots.plot_all(doc, points, tmp_path / "again")
     assert "plot fit_residuals.png" in failed and (tmp_path / "law.json").exists()
     assert any(p.name == "isoflop.png" for p in paths)
+
+
+def test_repeated_data_adds_the_data_constrained_law_and_its_effective_data_plot(tmp_path):
+    from runners.bench.fit import MUENNIGHOFF, repeated_points
+
+    points = repeated_points(seed=4, sizes=4).drop(columns="C").assign(E=1, final=True, status="finished")
+    summary = export_laws(points, tmp_path, meta={}, bootstrap=10)
+    doc = json.loads((tmp_path / "law.json").read_text())
+    assert {"chinchilla", "data_constrained"} <= set(doc["laws"]) and doc["law"] == "chinchilla"
+    section = doc["laws"]["data_constrained"]
+    assert section["params"]["R_D_star"] == pytest.approx(MUENNIGHOFF["R_D_star"], rel=0.2)
+    assert section["ci"]["R_D_star"][0] < section["params"]["R_D_star"] < section["ci"]["R_D_star"][1]
+    assert "effective_data.png" in {p.name for p in summary.paths}
+    console = Console(file=io.StringIO(), width=200)
+    summary.print(console)
+    assert "data_constrained" in console.file.getvalue() and "R_N_star" in console.file.getvalue()

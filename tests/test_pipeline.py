@@ -34,6 +34,15 @@ def test_plan_csv_has_one_row_per_trial(tmp_path):
     assert (plan.flops_6N == 6 * plan.N_active * plan.D).all()
 
 
+def test_plan_shows_unique_tokens_and_epochs(tmp_path):
+    out = tmp_path / "plan.csv"
+    main(["plan", str(tiny_spec(tmp_path, data={"unique_tokens": [16_384, 65_536]})), "--format", "csv", "--out", str(out)])
+    plan = pd.read_csv(out)
+    assert len(plan) == 2 * 2 * 2 and set(plan.unique_tokens) == {16_384, 65_536}
+    assert (plan.epochs == plan.D / plan.unique_tokens).all()
+    assert main(["plan", str(tiny_spec(tmp_path, data={"unique_tokens": [16_384]}))]) == 0
+
+
 def test_plan_ids_are_stable_and_content_addressed(tmp_path):
     first = tmp_path / "a.csv"
     main(["plan", str(tiny_spec(tmp_path)), "--format", "csv", "--out", str(first)])
@@ -69,6 +78,7 @@ def test_run_twice_trains_once_and_exports_the_same_law(tmp_path, sqlite_uri, lo
     branches = runs.runs(names.ROLE_BRANCH)
     assert len(branches) == 12 and {r.data.tags[names.TAG_PARENT_TRIAL] for r in branches.values()} == set(trials)
     assert points.final.sum() == 18 and set(points.trial_id) == set(trials) | set(branches)
+    assert points.unique_tokens.nunique() == 1 and (points.epochs == points.D / points.unique_tokens).all()
     assert {"A", "B", "E", "alpha", "beta"} <= set(law["params"])
     assert list(results.glob("*.png"))
     assert load_spec(results / "spec.yaml") == load_spec(spec)  # the folder says what produced it
@@ -87,6 +97,15 @@ def test_cuda_asked_on_a_cluster_without_gpus_is_one_line_exit_2(tmp_path, sqlit
     spec = tiny_spec(tmp_path, name="nocuda", runtime={"device": "cuda"})
     assert main(["run", str(spec)]) == 2
     assert "runtime.device: 'cuda' but the Ray cluster has no GPUs" in capsys.readouterr().err
+
+
+def test_unique_tokens_beyond_the_training_split_is_one_line_exit_2_before_any_trial(tmp_path, sqlite_uri, capsys):
+    spec = tiny_spec(tmp_path, name="toomuch", data={"unique_tokens": [16_384, 10**8]})
+    assert main(["run", str(spec)]) == 2
+    err = capsys.readouterr().err  # MLflow's own INFO lines about creating the store come first
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: data.unique_tokens: 100000000 is not between one sequence (32) and the training split")
+    assert "Traceback" not in err and not SweepRuns("toomuch", sqlite_uri).runs(names.ROLE_TRIAL)
 
 
 def test_export_before_any_trial_trained_is_one_line_exit_2(tmp_path, sqlite_uri, capsys):

@@ -9,6 +9,7 @@ from sweeps.errors import SpecError
 from sweeps.spec import load_spec
 from sweeps.trial import Runtime
 
+BYTE_VOCAB = 257  # byte-level tokens: 256 bytes and the end-of-document id
 EXAMPLES = sorted((Path(__file__).parents[1] / "sweeps" / "examples").glob("*.yaml"))
 
 
@@ -47,6 +48,7 @@ def test_scalars_become_axes(tmp_path):
         ({"data": {"tokenizer": "bpe"}}, "tokenizer 'bpe' needs vocab_size"),
         ({"model": {"moe": {"n_experts": 4}}}, "model.family has no 'moe'"),
         ({"model": {"family": "moe", "moe": {"n_expert": 4}}}, "unknown MoE option 'n_expert'"),
+        ({"data": {"unique_tokens": [1e6, -5]}}, "unique_tokens must be positive token counts"),
     ],
 )
 def test_bad_specs_give_one_line(tmp_path, change, expected):
@@ -84,3 +86,28 @@ def test_the_readmes_full_spec_is_valid_and_shows_the_runtime_defaults(tmp_path)
     path.write_text("name: my-sweep" + block)
     spec = load_spec(path)
     assert spec.runtime == Runtime()
+
+
+def test_unique_tokens_is_an_axis_in_whole_sequences_and_trials_without_it_keep_their_ids(tmp_path):
+    """The quickstart's committed trial ids, recomputed from its committed spec (the corpus hash from its law
+    file): a field added to the trial must not rename trials that do not set it."""
+    import json
+
+    import pandas as pd
+
+    from sweeps.expand import expand
+
+    quickstart = Path(__file__).parents[1] / "results" / "quickstart"
+    spec = load_spec(quickstart / "spec.yaml")
+    corpus = json.loads((quickstart / "law.json").read_text())["meta"]["data_content_hash"]
+    points = pd.read_csv(quickstart / "points.csv")
+    committed = set(points.loc[points["parent_trial_id"].isna(), "trial_id"])
+    plain = expand(spec, vocab_size=BYTE_VOCAB, content_hash=corpus)
+    assert {p.trial_id for p in plain} == committed
+
+    raw = yaml.safe_load((quickstart / "spec.yaml").read_text())
+    raw["data"]["unique_tokens"] = ["1e5", 300000]
+    capped = expand(load_spec(write(tmp_path, raw)), vocab_size=BYTE_VOCAB, content_hash=corpus)
+    seq = spec.model.seq_len
+    assert len(capped) == 2 * len(plain) and not {p.trial_id for p in capped} & committed
+    assert sorted({p.trial.data.unique_tokens for p in capped}) == [round(1e5 / seq) * seq, round(3e5 / seq) * seq]

@@ -111,3 +111,30 @@ def test_eight_ray_trials_log_16000_points_to_a_server(mlflow_server, local_ray)
     ray.get([trial.remote(r) for r in run_ids])
     counts = [len(history(mlflow_server, r, "train/loss")) for r in run_ids]
     assert counts == [2000] * 8
+
+
+def test_points_carry_unique_tokens_and_epochs_of_capped_and_whole_split_trials(sqlite_uri, tmp_path):
+    """Two planned trials registered as a sweep registers them, one capped at 16,384 unique tokens and one on
+    the whole split (which it logged as 0.5 epochs at 20,480 tokens): the points say how much each repeated."""
+    from runners.scheduling.sweep import register
+    from runners.tracking.collect import collect_points
+    from sweeps.expand import expand
+    from sweeps.spec import load_spec
+    from tests.helpers import tiny_spec
+
+    spec = load_spec(tiny_spec(tmp_path, grid={"sizes": [3000], "tokens": [40_960]}))
+    capped_spec = spec.model_copy(update={"data": spec.data.model_copy(update={"unique_tokens": [16_384]})})
+    runs = SweepRuns("s", sqlite_uri)
+    for planned, epochs in ((expand(capped_spec, vocab_size=257, content_hash="c")[0], 40_960 / 16_384),
+                            (expand(spec, vocab_size=257, content_hash="c")[0], 2.0)):
+        run_id, _ = register(runs, planned)
+        sink = MlflowSink(run_id, sqlite_uri)
+        sink.log({names.EPOCHS: epochs / 2}, 20_480)
+        sink.log({names.VAL_LOSS: 2.0, names.VAL_BPB: 3.0, names.EPOCHS: epochs}, 40_960)
+        assert sink.close()
+        set_status(runs.client, run_id, names.FINISHED)
+    points = collect_points(runs, spec.fit).set_index("trial_id")
+    capped = expand(capped_spec, vocab_size=257, content_hash="c")[0].trial_id
+    assert points.loc[capped, "unique_tokens"] == 16_384 and points.loc[capped, "epochs"] == 2.5
+    whole = points.drop(index=capped)
+    assert whole["unique_tokens"].item() == 20_480 and whole["epochs"].item() == 2.0

@@ -209,3 +209,12 @@ def test_asking_for_cuda_without_one_is_a_setup_error(data, tmp_path):
 def test_asking_for_flash4_where_it_cannot_run_is_a_setup_error(data, tmp_path):
     with pytest.raises(TrialSetupError, match="runtime.attention"):
         train(make_trial(data, 10), data, tmp_path, Runtime(attention="flash4"))
+
+
+def test_a_trial_with_unique_tokens_repeats_them_and_logs_its_epochs(data, tmp_path):
+    trial = make_trial(data, 40, kind="cosine")
+    capped = trial.model_copy(update={"data": DATA.model_copy(update={"unique_tokens": 10 * BATCH})})
+    result, sink, _ = train(capped, data, tmp_path)
+    assert result.status == names.FINISHED and result.repeats_data
+    assert sink.points[names.EPOCHS][40 * BATCH] == pytest.approx(4.0)  # D / U
+    assert capped.trial_id != trial.trial_id

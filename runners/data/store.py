@@ -9,11 +9,13 @@ file lock, and a finished folder appears by one atomic rename, so a reader never
 
 Batches are a pure function of their position, so a resumed trial needs no iterator state: the
 training tokens are cut into non-overlapping windows of seq_len + 1 tokens, every epoch visits them in a
-permutation seeded by (seed, epoch), and window number k of the run is window perm_{k // n}[k % n].
+permutation seeded by (seed, epoch), and window number k of the run is window perm_{k // n}[k % n]. A trial
+with data.unique_tokens U draws from the first U / seq_len windows only, so it repeats them after U tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -122,6 +124,19 @@ class TokenData:
             raise DataError(f"data.max_bytes: the training split has {len(self.train)} tokens, less than one "
                             f"sequence of {seq_len + 1}; read more text or use a shorter seq_len")
         return n
+
+    def with_unique_tokens(self, unique_tokens: int | None, seq_len: int) -> TokenData:
+        """This corpus with training cut to its first unique_tokens // seq_len windows (data.unique_tokens):
+        exactly that many distinct input tokens when seq_len divides it, repeated in epochs as any split is.
+        None: unchanged."""
+        if unique_tokens is None:
+            return self
+        n, available = unique_tokens // seq_len, self.n_windows(seq_len)
+        if not 1 <= n <= available:
+            raise DataError(f"data.unique_tokens: {unique_tokens} is not between one sequence ({seq_len}) and the "
+                            f"training split's {available * seq_len} tokens in whole sequences; change it or read "
+                            f"more text")
+        return dataclasses.replace(self, train=self.train[: n * (seq_len + 1)])
 
     def train_batch(self, first_window: int, n_seqs: int, seq_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Windows first_window .. first_window + n_seqs - 1 of the run as int64 (x, y), each [n_seqs, seq_len].

@@ -3,7 +3,8 @@
 A row is final when it is the last evaluation of a finished trial at its full D, or the end of a WSD
 branch: only those are points of a parametric fit. Intermediate points of a run are kept (the
 envelope uses them) but marked final = False, because a run stopped early is not the same as a run
-planned for that D (its learning rate never decayed there).
+planned for that D (its learning rate never decayed there). unique_tokens and epochs say how much of D was
+repeated data (the data_constrained law reads them).
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ def _history(runs: SweepRuns, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in runs.client.get_metric_history(run_id, key)}
 
 
+def _unique_tokens(cap: str, epochs: dict[int, float]) -> float | None:
+    """The distinct training tokens of a trial: its data.unique_tokens, else its whole training split as its
+    logged epochs say (tokens / epochs); None for a trial that logged no epochs (nor a cap)."""
+    if cap != "None":
+        return float(cap)
+    tokens, passes = next(((t, e) for t, e in sorted(epochs.items()) if e > 0), (None, None))
+    return None if tokens is None else float(round(tokens / passes))
+
+
 def collect_points(runs: SweepRuns, fit: FitSpec) -> pd.DataFrame:
     """The sweep's points, N and C under the conventions `fit` names (all conventions kept as columns)."""
     rows = []
@@ -29,6 +39,7 @@ def collect_points(runs: SweepRuns, fit: FitSpec) -> pd.DataFrame:
             continue
         status = tags.get(names.TAG_STATUS, names.PENDING)
         loss, bpb = _history(runs, run.info.run_id, names.VAL_LOSS), _history(runs, run.info.run_id, names.VAL_BPB)
+        unique = _unique_tokens(p.get("data.unique_tokens", "None"), _history(runs, run.info.run_id, names.EPOCHS))
         n_active, per_token = float(p[names.PARAM_N_ACTIVE]), float(p[names.PARAM_FLOPS_PER_TOKEN_EXACT])
         planned_d = int(p[names.PARAM_D])
         budget = p.get("budget", "None")
@@ -48,6 +59,7 @@ def collect_points(runs: SweepRuns, fit: FitSpec) -> pd.DataFrame:
                 "step": tokens // int(p["train.batch_size"]),
                 "seed": int(p["train.seed"]), "lr": float(p["train.lr"]), "batch_size": int(p["train.batch_size"]),
                 "status": status,
+                "unique_tokens": unique, "epochs": None if unique is None else tokens / unique,
             })
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     table["N"] = table[{"active": "N_active", "nonembed": "N_nonembed", "total": "N_total"}[fit.params]]

@@ -102,7 +102,8 @@ def _result_from_json(text: str) -> TrialResult:
 class _Trainer:
     def __init__(self, trial: TrialConfig, runtime: Runtime, workdir: Path, sink: Sink, data: TokenData,
                  branch_sinks: Callable[[int], Sink], on_eval: Callable[[int, float], bool] | None):
-        self.trial, self.cfg, self.workdir, self.data = trial, trial.train, workdir, data
+        self.trial, self.cfg, self.workdir = trial, trial.train, workdir
+        self.data = data.with_unique_tokens(trial.data.unique_tokens, trial.model.seq_len)
         self.sink, self.branch_sinks, self.on_eval = sink, branch_sinks, on_eval
         self.plan: Plan = plan_trial(trial, runtime)
         if data.vocab_size > trial.model.vocab_size:
