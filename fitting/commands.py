@@ -40,6 +40,9 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     what.add_argument("--loss", type=float, help="target loss: the least compute that reaches it")
     p.add_argument("--D", type=float, help="training tokens, with --N")
     p.add_argument("--E", type=float, default=1.0, help="experts (moe law); 1 is dense")
+    p.add_argument("--inference-tokens", type=float, default=None,
+                   help="lifetime inference tokens (with --loss or --compute): the model reaching that loss (or the "
+                        "Chinchilla-optimal loss at that compute) with the least training plus inference FLOPs")
     p.set_defaults(func=cmd_predict)
     return p
 
@@ -102,8 +105,12 @@ def _print_fit(doc: dict, paths: list[Path]) -> None:
 
 def cmd_predict(args) -> int:
     law = lawfile.load_law(args.law)
-    for name in ("--compute", "--N", "--D", "--E", "--loss"):
-        _check_positive(name, getattr(args, name[2:]))
+    for name in ("--compute", "--N", "--D", "--E", "--loss", "--inference-tokens"):
+        _check_positive(name, getattr(args, name[2:].replace("-", "_")))
+    if args.inference_tokens is not None:
+        if args.N is not None:
+            raise FitInputError("--inference-tokens goes with --loss or --compute, not --N")
+        return _print_inference(law, args)
     if args.N is not None:
         if args.D is None:
             raise FitInputError("--N needs --D (training tokens)")
@@ -130,6 +137,24 @@ def cmd_predict(args) -> int:
     if opt["loss"] is not None:  # the bootstrap sees noise only; the total adds the backtest's extrapolation error
         print(f"  {'loss, total':<18} {_fmt(opt['loss'], opt['loss_ci_total'])}  ({opt['loss_ci_total_method']})")
     _print_hparams(law, opt["N_opt"], opt["D_opt"], compute)
+    return 0
+
+
+def _print_inference(law, args) -> int:
+    opt = (law.inference_optimal(args.loss, args.inference_tokens, args.E) if args.loss is not None
+           else law.optimal(args.compute, args.E, inference_tokens=args.inference_tokens))
+    k = opt["flops_per_param_token"]
+    source = f"loss {args.loss:g}" if args.loss is not None else f"the Chinchilla-optimal loss at C = {args.compute:.4g}"
+    print(f"inference-aware optimum for {source} ({opt['loss']:.4g} nats/token) and {args.inference_tokens:.4g} "
+          f"inference tokens (E = {args.E:g}; {opt['law']} law; training {k:.3g} N D + inference {k / 3:.3g} N T FLOPs):")
+    for key, label in (("N_opt", "N_opt"), ("D_opt", "D_opt"), ("tokens_per_param", "tokens/param"),
+                       ("training_flops", "training FLOPs"), ("inference_flops", "inference FLOPs"),
+                       ("total_flops", "total FLOPs"), ("chinchilla_N", "Chinchilla N"),
+                       ("chinchilla_D", "Chinchilla D"), ("chinchilla_total_flops", "Chinchilla total"),
+                       ("saving", "saving")):
+        print(f"  {label:<18} {_fmt(opt[key], opt[key + '_ci'])}")
+    if opt["replicates_unreachable"]:
+        print(f"  ({opt['replicates_unreachable']} bootstrap replicates cannot reach this loss: left out of the intervals)")
     return 0
 
 

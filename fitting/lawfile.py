@@ -20,6 +20,9 @@ Law.optimal(C) returns N_opt, D_opt, loss, tokens_per_param, each with a bootstr
 law it used, and loss_ci_total: loss_ci widened on each side in quadrature by systematic_rel * loss, where
 systematic_rel = rms_relative_error of that law's backtest x max(1, ln(C / largest C fitted) / ln(factor));
 loss_ci_total_method says how, or why there is no total interval (None).
+Law.optimal(C, inference_tokens=T) and Law.inference_optimal(L, T) give the inference-aware optimum instead
+(fitting/inference.py): the model reaching the Chinchilla-optimal loss at C (or L) with the least training plus
+inference FLOPs, its saving against the Chinchilla-optimal model, each with an interval over the replicates.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fitting import laws
+from fitting import inference, laws
 from fitting.bootstrap import interval
 from fitting.errors import FitInputError
 
@@ -140,12 +143,15 @@ class Law:
         reps = None if samples is None else laws.as_dense(name, samples, E)
         return laws.as_dense(name, section["params"], E), reps
 
-    def optimal(self, C, E=1) -> dict:
+    def optimal(self, C, E=1, *, inference_tokens: float | None = None) -> dict:
         """N_opt, D_opt, loss and tokens per parameter at compute C, each with its interval (None without bootstrap),
-        `law`: the section they come from, and loss_ci_total (see the module docstring).
+        `law`: the section they come from, and loss_ci_total (see the module docstring). With inference_tokens:
+        inference_optimal at the loss the Chinchilla-optimal model of training compute C reaches.
 
         From the closed form of the moe (or chinchilla) law; from N_opt = k_N C^a, D_opt = k_D C^b of the
         isoflop or envelope fit when the file has no parametric law (then loss is None)."""
+        if inference_tokens is not None:
+            return self.inference_optimal(self.optimal(C, E)["loss"], inference_tokens, E) | {"compute": float(C)}
         dense = self._dense(E)
         if dense is not None:
             name = self._dense_law(E)
@@ -168,6 +174,27 @@ class Law:
                      else (None, f"the {name} law gives no loss"))
         total = None if s is None else widened(result["loss"], result["loss_ci"], s)
         return result | {"loss_ci_total": total, "systematic_rel": s, "loss_ci_total_method": method}
+
+    def inference_optimal(self, L: float, T: float, E=1) -> dict:
+        """The model that reaches loss L with the least training (k N D) plus inference ((k/3) N T) FLOPs, beside
+        the Chinchilla-optimal model for L (fitting/inference.py); each figure with its interval over the bootstrap
+        replicates (each replicate's optimum for the same L; a replicate whose E is at or above L is left out and
+        counted in replicates_unreachable)."""
+        dense = self._dense(E)
+        if dense is None:
+            raise FitInputError("the inference-aware optimum needs a chinchilla or moe law; fit --law chinchilla")
+        point, reps = dense
+        out = inference.inference_optimal(L, T, **point, flops_per_param_token=self.k)
+        if not np.isfinite(out["N_opt"]):
+            raise FitInputError(f"loss {L:g} is not above the law's irreducible loss E = {point['E']:.4g}; "
+                                f"ask for a larger loss or a smaller compute")
+        spread = inference.inference_optimal_replicates(L, T, reps, self.k) if reps else None
+        result = {"law": self._dense_law(E), "loss": float(L), "inference_tokens": float(T),
+                  "flops_per_param_token": self.k, "inference_flops_per_param_token": self.k / 3.0}
+        for key in inference.KEYS:
+            result[key], result[f"{key}_ci"] = out[key], (interval(spread[key]) if spread else None)
+        result["replicates_unreachable"] = int(np.isnan(spread["N_opt"]).sum()) if spread else None
+        return result
 
     def compute_for_loss(self, L: float, E=1) -> float:
         dense = self._dense(E)
