@@ -1,4 +1,4 @@
-"""`scaling fit` and `scaling predict`: argument parsing and printing only; the work is in the fitters and Law."""
+"""`scaling fit`, `scaling predict` and `scaling compare`: argument parsing and printing only; the work is in the fitters and Law."""
 
 from __future__ import annotations
 
@@ -44,6 +44,21 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
                    help="lifetime inference tokens (with --loss or --compute): the model reaching that loss (or the "
                         "Chinchilla-optimal loss at that compute) with the least training plus inference FLOPs")
     p.set_defaults(func=cmd_predict)
+    return p
+
+
+def add_compare_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("compare", help="compute multiplier of a variant over a baseline: the compute the "
+                                              "baseline needs to reach the variant's loss, per budget and budget-invariant")
+    p.add_argument("law_a", type=Path, help="the baseline's law.json")
+    p.add_argument("law_b", type=Path, nargs="?", default=None,
+                   help="the variant's law.json (default: LAW_A, e.g. dense against MoE of one joint moe fit)")
+    p.add_argument("--compute", type=float, nargs="+", required=True, help="training FLOPs to compare at")
+    p.add_argument("--E-a", type=float, default=1.0, help="the baseline's experts (moe law); 1 is dense")
+    p.add_argument("--E-b", type=float, default=1.0, help="the variant's experts (moe law)")
+    p.add_argument("--points", type=Path, nargs="+", default=None,
+                   help="points tables for the budget-invariant speedup: A.csv B.csv, or one table split by --E-a/--E-b")
+    p.set_defaults(func=cmd_compare)
     return p
 
 
@@ -138,6 +153,40 @@ def cmd_predict(args) -> int:
         print(f"  {'loss, total':<18} {_fmt(opt['loss'], opt['loss_ci_total'])}  ({opt['loss_ci_total_method']})")
     _print_hparams(law, opt["N_opt"], opt["D_opt"], compute)
     return 0
+
+
+def cmd_compare(args) -> int:
+    from fitting import compare
+
+    for name, value in [("--compute", c) for c in args.compute] + [("--E-a", args.E_a), ("--E-b", args.E_b)]:
+        _check_positive(name, value)
+    law_b = args.law_b or args.law_a
+    if law_b == args.law_a and args.E_a == args.E_b:
+        raise FitInputError("compare needs two laws, or one joint moe law with --E-a and --E-b differing")
+    base, variant = lawfile.load_law(args.law_a), lawfile.load_law(law_b)
+    print(f"compute multiplier of {law_b} (E = {args.E_b:g}) over {args.law_a} (E = {args.E_a:g}): the baseline's "
+          f"compute to reach the variant's compute-optimal loss, over the variant's compute (> 1: the variant is better)")
+    for row in compare.multipliers(base, variant, args.compute, E_base=args.E_a, E_variant=args.E_b):
+        print(f"  C = {row['compute']:.4g}: variant loss {row['variant_loss']:.4g}, multiplier "
+              f"{_fmt(row['multiplier'], row['multiplier_ci'])}" + (f" ({row['note']})" if row["note"] else ""))
+    if args.points:
+        fronts = _compare_frontiers(args, compare)
+        shared = compare.shared_exponent_speedup(fronts, "baseline")
+        print(f"budget-invariant speedup {_fmt(shared['speedup']['variant'], shared['speedup_ci']['variant'])} "
+              f"(shared alpha {shared['alpha']:.3g}, L_inf {shared['L_inf']:.4g}, rms residual "
+              f"{shared['rms_residual']:.2g}; {shared['method']})")
+    return 0
+
+
+def _compare_frontiers(args, compare) -> dict:
+    tables = [load_points(p) for p in args.points]
+    if len(tables) > 2:
+        raise FitInputError("--points takes one table (split by --E-a and --E-b) or two (baseline, variant)")
+    if len(tables) == 1:
+        if "E" not in tables[0].columns:
+            raise FitInputError("--points with one table needs its 'E' column to split it; give two tables")
+        tables = [tables[0][tables[0]["E"] == e] for e in (args.E_a, args.E_b)]
+    return {"baseline": compare.frontier(tables[0]), "variant": compare.frontier(tables[1])}
 
 
 def _print_inference(law, args) -> int:

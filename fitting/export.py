@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 from rich.table import Table
 
-from fitting import lawfile
+from fitting import compare, lawfile
 from fitting.errors import FitInputError
 from fitting.isoflop import budgets_of
 from fitting.parametric import fit_parametric
@@ -174,12 +174,30 @@ class ExportSummary:
                               f"points above ({x['factor']:.3g}x): mean |error| {x['mean_abs_relative_error']:.2%}, "
                               f"max {x['max_abs_relative_error']:.2%}, rms {x['rms_relative_error']:.2%}, "
                               f"mean {x['mean_relative_error']:+.2%}, {covered} inside their interval")
+        _print_compare(console, self.doc.get("compare"))
         if self.left_out:
             console.print("points left out of the parametric fits: "
                           + ", ".join(f"{n} {why}" for why, n in self.left_out.items()))
         for name, why in self.failed.items():
             console.print(f"not fitted: {name}: {why}")
         console.print("wrote " + ", ".join(str(p) for p in self.paths))
+
+
+def _print_compare(console, section: dict | None) -> None:
+    if not section:
+        return
+    for name, rows in section["variants"].items():
+        console.print(f"{name} over {section['baseline']}, compute multiplier (joint law, paired replicates): " + ", ".join(
+            f"C = {r['compute']:.3g}: {r['multiplier']:.3g}" + (f" [{r['multiplier_ci'][0]:.3g}, {r['multiplier_ci'][1]:.3g}]"
+                                                               if r["multiplier_ci"] else "") for r in rows))
+    shared = section["shared_exponent"]
+    if "not_fitted" in shared:
+        console.print(f"budget-invariant speedup: not fitted: {shared['not_fitted']}")
+        return
+    for name, value in shared["speedup"].items():
+        low, high = shared["speedup_ci"][name]
+        console.print(f"{name} over {shared['baseline']}, budget-invariant speedup (shared alpha {shared['alpha']:.3g}): "
+                      f"{value:.3g} [{low:.3g}, {high:.3g}]")
 
 
 def _reference_computes(doc: dict) -> list[float]:
@@ -232,6 +250,8 @@ def export_laws(points: pd.DataFrame, out_dir: Path, *, meta: dict, bootstrap: i
         meta = {**meta, "max_C": float(points["C"].max())}
     doc = lawfile.document(fitted.sections, conventions=conventions, meta=meta, hparams=fitted.hparams,
                            failed=fitted.failed)
+    if (section := compare.export_section(doc, points, _reference_computes(doc))) is not None:
+        doc["compare"] = section
     paths = write_law_files(doc, out_dir / "law.json")
     drawn, plots_failed = plots.plot_all(doc, points, out_dir)
     _, left_out = parametric_rows(points)

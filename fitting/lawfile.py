@@ -133,7 +133,7 @@ class Law:
         """The section that gives chinchilla coefficients at E experts: moe when fitted (any E), else chinchilla (E 1)."""
         return next((n for n in ("moe", "chinchilla") if n in self.laws and (n == "moe" or E == 1)), None)
 
-    def _dense(self, E) -> tuple[dict, list[dict] | None] | None:
+    def chinchilla_coefficients(self, E) -> tuple[dict, dict | None] | None:
         """chinchilla coefficients (point and per replicate) at E experts, when the file has chinchilla or moe."""
         name = self._dense_law(E)
         if name is None:
@@ -152,7 +152,7 @@ class Law:
         isoflop or envelope fit when the file has no parametric law (then loss is None)."""
         if inference_tokens is not None:
             return self.inference_optimal(self.optimal(C, E)["loss"], inference_tokens, E) | {"compute": float(C)}
-        dense = self._dense(E)
+        dense = self.chinchilla_coefficients(E)
         if dense is not None:
             name = self._dense_law(E)
             point, reps = dense
@@ -180,7 +180,7 @@ class Law:
         the Chinchilla-optimal model for L (fitting/inference.py); each figure with its interval over the bootstrap
         replicates (each replicate's optimum for the same L; a replicate whose E is at or above L is left out and
         counted in replicates_unreachable)."""
-        dense = self._dense(E)
+        dense = self.chinchilla_coefficients(E)
         if dense is None:
             raise FitInputError("the inference-aware optimum needs a chinchilla or moe law; fit --law chinchilla")
         point, reps = dense
@@ -197,7 +197,7 @@ class Law:
         return result
 
     def compute_for_loss(self, L: float, E=1) -> float:
-        dense = self._dense(E)
+        dense = self.chinchilla_coefficients(E)
         if dense is None:
             raise FitInputError("the law file has no chinchilla or moe law to invert; fit --law chinchilla")
         return laws.compute_for_loss(L, **dense[0], flops_per_param_token=self.k)

@@ -159,9 +159,29 @@ def dense_against_moe(doc: dict, points: pd.DataFrame, path: Path) -> Path | Non
     return _save(fig, path)
 
 
+def family_speedup(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
+    """Each family's compute frontier and the shared-exponent fit through it (law.json's compare section)."""
+    shared = (doc.get("compare") or {}).get("shared_exponent", {})
+    if "speedup" not in shared:
+        return None
+    from fitting.compare import family_frontiers
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, front in family_frontiers(points).items():
+        line, = ax.plot(front["C"], front["loss"], "o", label=f"{name} frontier")
+        grid = np.logspace(np.log10(front["C"].min()), np.log10(front["C"].max()) + 1, 50)
+        speedup = shared["speedup"].get(name)
+        ax.plot(grid, shared["L_inf"] + shared["A"][name] * (grid / shared["C_0"]) ** -shared["alpha"], "-",
+                color=line.get_color(), label=f"{name}: shared fit" + (f", speedup {speedup:.3g}" if speedup else ""))
+    ax.set(xscale="log", xlabel="C (FLOPs)", ylabel="loss (nats/token)",
+           title=f"compute frontiers, L_inf and alpha shared (alpha {shared['alpha']:.3g})")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 PLOTS = {"loss_vs_C.png": loss_vs_compute, "isoflop.png": isoflop_profiles, "fit_residuals.png": residuals,
          "law_vs_points.png": law_against_points, "optimal_allocation.png": optimal_allocation,
-         "dense_vs_moe.png": dense_against_moe}
+         "dense_vs_moe.png": dense_against_moe, "family_speedup.png": family_speedup}
 
 
 def plot_all(doc: dict, points: pd.DataFrame, out_dir: Path) -> tuple[list[Path], dict[str, str]]:

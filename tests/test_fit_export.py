@@ -107,6 +107,13 @@ def test_dense_and_moe_together_give_the_moe_law_and_its_efficiency_gain(tmp_pat
     dense_loss = law.optimal(1e21, E=1)["loss"]
     assert law.compute_for_loss(dense_loss, E=8) == pytest.approx(1e21 / gain, rel=1e-6)
     assert (tmp_path / "dense_vs_moe.png").stat().st_size > 0
+    # the compare section: E8 needs 8^(gamma/alpha) less compute than dense at every budget, inside its interval
+    truth_multiplier = 8 ** (truth["gamma"] / truth["alpha"])
+    for row in doc["compare"]["variants"]["E8"]:
+        low, high = row["multiplier_ci"]
+        assert low <= truth_multiplier <= high and row["multiplier"] == pytest.approx(truth_multiplier, rel=0.1)
+    shared = doc["compare"]["shared_exponent"]  # on a grid's lower envelope, not an IsoFLOP frontier: only sane
+    assert shared["speedup_ci"]["E8"][0] <= shared["speedup"]["E8"] <= shared["speedup_ci"]["E8"][1]
 
 
 def test_loss_laws_take_each_cells_best_run_when_hyperparameters_vary(tmp_path):

@@ -45,7 +45,7 @@ def law_json(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inference")
     pd.DataFrame({"N": N, "D": D, "loss": loss}).to_csv(folder / "points.csv", index=False)
     assert main(["fit", "--points", str(folder / "points.csv"), "--law", "chinchilla", "--out",
-                 str(folder / "law.json"), "--bootstrap", "40"]) == 0
+                 str(folder / "law.json"), "--bootstrap", "20"]) == 0
     return folder / "law.json"
 
 
