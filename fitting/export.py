@@ -174,6 +174,7 @@ class ExportSummary:
                               f"points above ({x['factor']:.3g}x): mean |error| {x['mean_abs_relative_error']:.2%}, "
                               f"max {x['max_abs_relative_error']:.2%}, rms {x['rms_relative_error']:.2%}, "
                               f"mean {x['mean_relative_error']:+.2%}, {covered} inside their interval")
+        _print_akima(console, self.doc["laws"].get("isoflop"))
         _print_compare(console, self.doc.get("compare"))
         if self.left_out:
             console.print("points left out of the parametric fits: "
@@ -181,6 +182,27 @@ class ExportSummary:
         for name, why in self.failed.items():
             console.print(f"not fitted: {name}: {why}")
         console.print("wrote " + ", ".join(str(p) for p in self.paths))
+
+
+def _interval(ci) -> str:
+    return f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
+
+
+def _print_akima(console, section: dict | None) -> None:
+    """Approach 2 twice: the parabola's a beside Akima's, and how far a window end moves each minimum."""
+    if not section or "params" not in section.get("akima", {}):
+        return
+    akima = section["akima"]
+    shifts = {kind: [b[f"window_shift_{kind}"] for b in section["budgets"] if b.get(f"window_shift_{kind}") is not None]
+              for kind in ("quadratic", "akima")}
+    line = (f"isoflop a: parabola {section['params']['a']:.3g}{_interval(section['ci'].get('a'))}, Akima "
+            f"{akima['params']['a']:.3g}{_interval(akima['ci'].get('a'))}")
+    if "a_parabola_minus_akima" in akima:
+        line += f"; parabola - Akima {akima['a_parabola_minus_akima']:+.3g}{_interval(akima['a_parabola_minus_akima_ci'])}"
+    if shifts["quadratic"] and shifts["akima"]:
+        line += (f"; leaving out an end size moves the minimum by up to {max(shifts['quadratic']):.2g} decades "
+                 f"(parabola), {max(shifts['akima']):.2g} (Akima)")
+    console.print(line)
 
 
 def _print_compare(console, section: dict | None) -> None:

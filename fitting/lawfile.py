@@ -12,6 +12,13 @@
           the same law refitted below the largest budget and scored on it (fitting/parametric.py): holdout_above,
           n_held_out, mean_abs_relative_error, max_abs_relative_error, rms_relative_error, mean_relative_error
           (signed, predicted / actual - 1), fitted_max_C, held_out_max_C, factor (their ratio), points,
+          The isoflop section also has "akima" (fitting/isoflop.py): the frontier on Akima minima (params, ci,
+          budgets_used, method, a_parabola_minus_akima and its paired-bootstrap interval), and per budget
+          akima_N_opt, akima_loss_opt, akima_flag, window_shift_quadratic, window_shift_akima,
+  "compare": when a sweep has several expert counts (fitting/compare.py): baseline "E1", "variants": {E8: [per
+          compute: compute, variant_loss, baseline_compute, multiplier, multiplier_ci, replicates_paired, note]},
+          "shared_exponent": the budget-invariant fit (L_inf, alpha, C_0, A per family, speedup, speedup_ci,
+          dof, rms_residual, method) or {"not_fitted": why},
   "hparams": the learning-rate and batch-size laws (fitting/hparams.py), when fitted,
   "failed": {name: why that law (or "<law> extrapolation", its backtest) could not be fitted}
 }

@@ -60,7 +60,10 @@ def isoflop_profiles(doc: dict, points: pd.DataFrame, path: Path) -> Path | None
         ax.plot(np.exp(x + budget["log_N_centre"]), c0 + c1 * x + c2 * x ** 2, color=color, label=f"C={budget['C']:.2g}")
         if budget["N_opt"] is not None:
             ax.plot(budget["N_opt"], budget["loss_opt"], "x" if budget["flag"] else "o", color=color, ms=9)
-    ax.set(xscale="log", xlabel="N", ylabel="loss (nats/token)", title="IsoFLOP profiles (x: flagged minimum)")
+        if budget.get("akima_N_opt") is not None and budget["akima_flag"] is None:
+            ax.plot(budget["akima_N_opt"], budget["akima_loss_opt"], "s", mfc="none", color=color, ms=9)
+    ax.set(xscale="log", xlabel="N", ylabel="loss (nats/token)",
+           title="IsoFLOP profiles (o: parabola's minimum, x: flagged, square: Akima's minimum)")
     ax.legend(fontsize=7)
     return _save(fig, path)
 
