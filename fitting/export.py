@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 from rich.table import Table
 
-from fitting import compare, lawfile
+from fitting import compare, conventions as convention_sensitivity, lawfile
 from fitting.errors import FitInputError
 from fitting.isoflop import budgets_of
 from fitting.parametric import fit_parametric
@@ -33,10 +33,10 @@ def _try(fitted: Fitted, name: str, fit) -> None:
     try:
         fitted.sections[name] = fit()
     except Exception as e:  # a law the data cannot support is reported, whatever went wrong inside its fitter
-        fitted.failed[name] = _reason(e)
+        fitted.failed[name] = reason(e)
 
 
-def _reason(e: Exception) -> str:
+def reason(e: Exception) -> str:
     return str(e).splitlines()[0] if isinstance(e, FitInputError) else f"{type(e).__name__}: {e}"
 
 
@@ -76,6 +76,14 @@ def _physical(law: str, params: dict) -> None:
                             f"hyperparameters, or add sizes and token counts")
 
 
+def fit_surface(rows: pd.DataFrame, law: str, **options) -> dict:
+    """A loss law in N and D, fitted only where the points can determine one and kept only if it is physical."""
+    _identifiable(rows)
+    section = fit_parametric(rows, law, **options)
+    _physical(law, section["params"])
+    return section
+
+
 def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: str = "points",
             delta: float = 1e-3) -> Fitted:
     """chinchilla (dense rows), moe (when E varies), envelope (curves with C), isoflop (budgets), hparams
@@ -87,10 +95,7 @@ def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: st
     dense = tuned[tuned["E"] == 1] if _varies(tuned, "E") else tuned
 
     def surface(law: str, rows: pd.DataFrame, holdout_above: float | None = None):
-        _identifiable(rows)
-        section = fit_parametric(rows, law, delta=delta, holdout_above=holdout_above, **options)
-        _physical(law, section["params"])
-        return section
+        return fit_surface(rows, law, delta=delta, holdout_above=holdout_above, **options)
 
     _try(fitted, "chinchilla", lambda: surface("chinchilla", dense))
     if _varies(points, "E"):
@@ -130,7 +135,7 @@ def _holdout_largest_budget(fitted: Fitted, law: str, rows: pd.DataFrame, refit)
     try:
         check = refit(float(final.loc[budget < budget.max(), "C"].max()))
     except Exception as e:  # as in _try: a backtest that cannot be fitted is reported, not raised
-        fitted.failed[f"{law} extrapolation"] = _reason(e)
+        fitted.failed[f"{law} extrapolation"] = reason(e)
         return
     fitted.sections[law]["extrapolation"] = check["extrapolation"]
 
@@ -175,6 +180,7 @@ class ExportSummary:
                               f"max {x['max_abs_relative_error']:.2%}, rms {x['rms_relative_error']:.2%}, "
                               f"mean {x['mean_relative_error']:+.2%}, {covered} inside their interval")
         _print_akima(console, self.doc["laws"].get("isoflop"))
+        _print_conventions(console, self.doc.get("convention_sensitivity"))
         _print_compare(console, self.doc.get("compare"))
         if self.left_out:
             console.print("points left out of the parametric fits: "
@@ -203,6 +209,29 @@ def _print_akima(console, section: dict | None) -> None:
         line += (f"; leaving out an end size moves the minimum by up to {max(shifts['quadratic']):.2g} decades "
                  f"(parabola), {max(shifts['akima']):.2g} (Akima)")
     console.print(line)
+
+
+def _print_conventions(console, section: dict | None) -> None:
+    if not section:
+        return
+    table = Table(title="convention sensitivity: the N_opt exponent a and tokens per parameter at the largest budget")
+    for col in ("N", "C", "law", "a", "95% interval", "tokens/param", "95% interval "):
+        table.add_column(col, justify="right")
+    for _, r in convention_sensitivity.table(section).iterrows():
+        if r["a"] is None or pd.isna(r["a"]):
+            table.add_row(r["N"], r["C"], r["law"], "not fitted", str(r["not_fitted"])[:60], "", "")
+            continue
+        table.add_row(r["N"], r["C"], r["law"], f"{r['a']:.3g}", _pair(r["a_low"], r["a_high"]),
+                      f"{r['tokens_per_param']:.3g}", _pair(r["tpp_low"], r["tpp_high"]))
+    console.print(table)
+    spreads = [f"{law} {section[f'{law}_a_spread']:.2g}" for law in ("isoflop", "chinchilla")
+               if section.get(f"{law}_a_spread") is not None]
+    if spreads:
+        console.print("a moves across conventions by " + ", ".join(spreads) + " (the choice of N and C alone)")
+
+
+def _pair(low, high) -> str:
+    return "-" if low is None or pd.isna(low) else f"[{low:.3g}, {high:.3g}]"
 
 
 def _print_compare(console, section: dict | None) -> None:
@@ -274,7 +303,13 @@ def export_laws(points: pd.DataFrame, out_dir: Path, *, meta: dict, bootstrap: i
                            failed=fitted.failed)
     if (section := compare.export_section(doc, points, _reference_computes(doc))) is not None:
         doc["compare"] = section
+    sensitivity = convention_sensitivity.sensitivity(best_per_cell(points), bootstrap=bootstrap, seed=seed)
+    if sensitivity is not None:
+        doc["convention_sensitivity"] = sensitivity
     paths = write_law_files(doc, out_dir / "law.json")
+    if sensitivity is not None:
+        paths.append(out_dir / "conventions.csv")
+        convention_sensitivity.table(sensitivity).to_csv(paths[-1], index=False)
     drawn, plots_failed = plots.plot_all(doc, points, out_dir)
     _, left_out = parametric_rows(points)
     return ExportSummary(doc=doc, paths=paths + drawn, failed=fitted.failed | plots_failed, left_out=left_out)

@@ -182,9 +182,37 @@ def family_speedup(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def convention_sensitivity(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
+    """a and tokens per parameter under each convention (N non-embedding or total x C 6N or exact), per law."""
+    section = doc.get("convention_sensitivity")
+    if not section:
+        return None
+    from fitting.conventions import table
+
+    rows = table(section).dropna(subset=["a"])
+    if rows.empty:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    labels = [f"{n}, {c}" for n, c in dict.fromkeys(zip(rows["N"], rows["C"]))]
+    for offset, (law, mine) in zip((-0.1, 0.1), rows.groupby("law", sort=True)):
+        x = np.array([labels.index(f"{n}, {c}") for n, c in zip(mine["N"], mine["C"])]) + offset
+        for ax, key, low, high in ((axes[0], "a", "a_low", "a_high"),
+                                   (axes[1], "tokens_per_param", "tpp_low", "tpp_high")):
+            value = mine[key].to_numpy(float)
+            err = np.abs(np.vstack([value - mine[low].to_numpy(float), mine[high].to_numpy(float) - value]))
+            ax.errorbar(x, value, yerr=np.nan_to_num(err), fmt="o", capsize=3, label=law)
+    for ax, ylabel in zip(axes, ("a (N_opt = k C^a)", "tokens per parameter at the largest budget")):
+        ax.set_xticks(range(len(labels)), labels, rotation=20)
+        ax.set(xlabel="convention (N, C)", ylabel=ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle("convention sensitivity (95% bootstrap intervals)")
+    return _save(fig, path)
+
+
 PLOTS = {"loss_vs_C.png": loss_vs_compute, "isoflop.png": isoflop_profiles, "fit_residuals.png": residuals,
          "law_vs_points.png": law_against_points, "optimal_allocation.png": optimal_allocation,
-         "dense_vs_moe.png": dense_against_moe, "family_speedup.png": family_speedup}
+         "dense_vs_moe.png": dense_against_moe, "family_speedup.png": family_speedup,
+         "conventions.png": convention_sensitivity}
 
 
 def plot_all(doc: dict, points: pd.DataFrame, out_dir: Path) -> tuple[list[Path], dict[str, str]]:
