@@ -56,6 +56,8 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compute", type=float, nargs="+", required=True, help="training FLOPs to compare at")
     p.add_argument("--E-a", type=float, default=1.0, help="the baseline's experts (moe law); 1 is dense")
     p.add_argument("--E-b", type=float, default=1.0, help="the variant's experts (moe law)")
+    p.add_argument("--total-per-active", type=float, default=None,
+                   help="the variant's non-embedding parameters over its active ones (an MoE): also compare in total parameters")
     p.add_argument("--points", type=Path, nargs="+", default=None,
                    help="points tables for the budget-invariant speedup: A.csv B.csv, or one table split by --E-a/--E-b")
     p.set_defaults(func=cmd_compare)
@@ -158,7 +160,8 @@ def cmd_predict(args) -> int:
 def cmd_compare(args) -> int:
     from fitting import compare
 
-    for name, value in [("--compute", c) for c in args.compute] + [("--E-a", args.E_a), ("--E-b", args.E_b)]:
+    for name, value in [("--compute", c) for c in args.compute] + [("--E-a", args.E_a), ("--E-b", args.E_b),
+                                                                    ("--total-per-active", args.total_per_active)]:
         _check_positive(name, value)
     law_b = args.law_b or args.law_a
     if law_b == args.law_a and args.E_a == args.E_b:
@@ -166,9 +169,13 @@ def cmd_compare(args) -> int:
     base, variant = lawfile.load_law(args.law_a), lawfile.load_law(law_b)
     print(f"compute multiplier of {law_b} (E = {args.E_b:g}) over {args.law_a} (E = {args.E_a:g}): the baseline's "
           f"compute to reach the variant's compute-optimal loss, over the variant's compute (> 1: the variant is better)")
-    for row in compare.multipliers(base, variant, args.compute, E_base=args.E_a, E_variant=args.E_b):
+    for row in compare.multipliers(base, variant, args.compute, E_base=args.E_a, E_variant=args.E_b,
+                                   total_per_active=args.total_per_active):
         print(f"  C = {row['compute']:.4g}: variant loss {row['variant_loss']:.4g}, multiplier "
               f"{_fmt(row['multiplier'], row['multiplier_ci'])}" + (f" ({row['note']})" if row["note"] else ""))
+        if "total_params_ratio" in row:
+            print(f"    the variant's total parameters over the baseline's for that loss: "
+                  f"{_fmt(row['total_params_ratio'], row['total_params_ratio_ci'])}")
     if args.points:
         fronts = _compare_frontiers(args, compare)
         shared = compare.shared_exponent_speedup(fronts, "baseline")

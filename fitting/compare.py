@@ -31,8 +31,12 @@ from fitting.table import check
 LEVEL = 0.95
 
 
-def multipliers(base: Law, variant: Law, computes, *, E_base: float = 1, E_variant: float = 1) -> list[dict]:
-    """Per compute: the variant's loss, the baseline's compute to reach it, and the multiplier with its interval."""
+def multipliers(base: Law, variant: Law, computes, *, E_base: float = 1, E_variant: float = 1,
+                total_per_active: float | None = None) -> list[dict]:
+    """Per compute: the variant's loss, the baseline's compute to reach it, and the multiplier with its interval.
+    With total_per_active (an MoE's non-embedding parameters over its active ones): also total_params_ratio, the
+    variant's total parameters at its optimum over the baseline's compute-optimal parameters for the same loss
+    (> 1: the variant holds more weights in memory for that loss, whatever it saves in compute)."""
     b, v = base.chinchilla_coefficients(E_base), variant.chinchilla_coefficients(E_variant)
     if b is None or v is None:
         raise FitInputError("a compute multiplier needs a chinchilla or moe law in both law files; fit --law chinchilla")
@@ -40,18 +44,31 @@ def multipliers(base: Law, variant: Law, computes, *, E_base: float = 1, E_varia
     n = min(len(b_reps["E"]), len(v_reps["E"])) if b_reps and v_reps else 0
     rows = []
     for C in np.asarray(computes, float):
-        loss = float(laws.optimal_allocation(C, **v_point, flops_per_param_token=variant.k)["loss"])
-        needed = laws.compute_for_loss(loss, **b_point, flops_per_param_token=base.k) if loss > b_point["E"] else np.nan
-        ci = None
-        if n:
-            v_loss = laws.optimal_allocation(C, **{k: x[:n] for k, x in v_reps.items()}, flops_per_param_token=variant.k)["loss"]
-            b_need = laws.compute_for_loss(v_loss, **{k: x[:n] for k, x in b_reps.items()}, flops_per_param_token=base.k)
-            ci = interval(b_need / C)
-        rows.append({"compute": float(C), "variant_loss": loss, "baseline_compute": float(needed),
-                     "multiplier": float(needed / C), "multiplier_ci": ci, "replicates_paired": n,
-                     "note": None if np.isfinite(needed) else "the baseline never reaches the variant's loss "
-                                                              "(below its irreducible loss): not identified"})
+        point = {key: float(v[0]) for key, v in _optima(C, b_point, base.k, v_point, variant.k).items()}
+        spread = (_optima(C, {k: x[:n] for k, x in b_reps.items()}, base.k, {k: x[:n] for k, x in v_reps.items()},
+                          variant.k) if n else None)
+        row = {"compute": float(C), "variant_loss": point["variant_loss"], "baseline_compute": point["baseline_compute"],
+               "multiplier": point["multiplier"], "multiplier_ci": interval(spread["multiplier"]) if n else None,
+               "replicates_paired": n,
+               "note": None if np.isfinite(point["multiplier"]) else "the baseline never reaches the variant's loss "
+                                                                    "(below its irreducible loss): not identified"}
+        if total_per_active is not None:
+            row |= {"total_per_active": float(total_per_active),
+                    "total_params_ratio": total_per_active * point["active_params_ratio"],
+                    "total_params_ratio_ci": interval(total_per_active * spread["active_params_ratio"]) if n else None}
+        rows.append(row)
     return rows
+
+
+def _optima(C: float, base: dict, k_base: float, variant: dict, k_variant: float) -> dict[str, np.ndarray]:
+    """The variant's optimum at C against the baseline's optimum reaching the same loss: the compute multiplier and
+    the ratio of their (active) N_opt; arrays over the replicates when the coefficients are (NaN: unreachable)."""
+    v = laws.optimal_allocation(C, **variant, flops_per_param_token=k_variant)
+    loss = np.atleast_1d(v["loss"])  # an array: compute_for_loss gives NaN where the baseline cannot reach it
+    needed = laws.compute_for_loss(loss, **base, flops_per_param_token=k_base)
+    b = laws.optimal_allocation(needed, **base, flops_per_param_token=k_base)
+    return {"variant_loss": loss, "baseline_compute": needed, "multiplier": needed / C,
+            "active_params_ratio": np.atleast_1d(v["N_opt"]) / b["N_opt"]}
 
 
 def frontier(points: pd.DataFrame) -> pd.DataFrame:
@@ -112,6 +129,14 @@ def family_frontiers(points: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return {f"E{int(e)}": frontier(points[experts == e]) for e in sorted(experts.dropna().unique())}
 
 
+def total_per_active(points: pd.DataFrame) -> float | None:
+    """An MoE family's non-embedding parameters (every expert) over its active ones, the median over its rows;
+    None where the table does not carry both."""
+    if not {"N_nonembed", "N_active"} <= set(points.columns) or points.empty:
+        return None
+    return float((points["N_nonembed"].astype(float) / points["N_active"].astype(float)).median())
+
+
 def export_section(doc: dict, points: pd.DataFrame, computes) -> dict | None:
     """law.json's `compare` section for a sweep of several expert counts: each E > 1 against dense, per budget
     from the joint moe law, and budget-invariant from the frontiers; None for a sweep of one family."""
@@ -121,7 +146,8 @@ def export_section(doc: dict, points: pd.DataFrame, computes) -> dict | None:
     section: dict = {"baseline": "E1", "variants": {}}
     for e in sorted(points["E"].unique()):
         if e != 1:
-            section["variants"][f"E{int(e)}"] = multipliers(law, law, computes, E_base=1, E_variant=float(e))
+            section["variants"][f"E{int(e)}"] = multipliers(law, law, computes, E_base=1, E_variant=float(e),
+                                                            total_per_active=total_per_active(points[points["E"] == e]))
     try:
         section["shared_exponent"] = shared_exponent_speedup(family_frontiers(points), "E1")
     except FitInputError as e:

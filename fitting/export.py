@@ -241,6 +241,10 @@ def _print_compare(console, section: dict | None) -> None:
         console.print(f"{name} over {section['baseline']}, compute multiplier (joint law, paired replicates): " + ", ".join(
             f"C = {r['compute']:.3g}: {r['multiplier']:.3g}" + (f" [{r['multiplier_ci'][0]:.3g}, {r['multiplier_ci'][1]:.3g}]"
                                                                if r["multiplier_ci"] else "") for r in rows))
+        if rows and "total_params_ratio" in rows[0]:
+            console.print(f"{name}: total parameters over dense's for the same loss ({rows[0]['total_per_active']:.3g} "
+                          f"total per active): " + ", ".join(f"C = {r['compute']:.3g}: {r['total_params_ratio']:.3g}"
+                                                             f"{_interval(r['total_params_ratio_ci'])}" for r in rows))
     shared = section["shared_exponent"]
     if "not_fitted" in shared:
         console.print(f"budget-invariant speedup: not fitted: {shared['not_fitted']}")

@@ -48,6 +48,11 @@ def test_the_multiplier_of_a_variant_needing_less_compute_is_recovered_at_every_
         low, high = row["multiplier_ci"]
         assert low <= row["multiplier"] <= high and low <= MULTIPLIER <= high, row
         assert row["multiplier"] == pytest.approx(MULTIPLIER, rel=0.15)
+    # counted in total parameters (an MoE holding 4x its active weights): its N_opt over the baseline's at 1.5x C
+    row = multipliers(load_law(paths["base"]), load_law(paths["variant"]), [1e21], total_per_active=4.0)[0]
+    truth = 4.0 * laws.optimal_allocation(1e21, **VARIANT)["N_opt"] / laws.optimal_allocation(1.5e21, **BASE)["N_opt"]
+    low, high = row["total_params_ratio_ci"]
+    assert low <= truth <= high and row["total_params_ratio"] == pytest.approx(truth, rel=0.15)
     same = multipliers(load_law(paths["base"]), load_law(paths["base"]), [1e21])[0]
     assert same["multiplier"] == pytest.approx(1.0, rel=1e-9)  # a law against itself: no gain
 
@@ -83,6 +88,8 @@ def test_compare_cli_prints_both_forms_and_rejects_a_law_against_itself(two_fami
                  "--points", str(folder / "base.csv"), str(folder / "variant.csv")]) == 0
     out = capsys.readouterr().out
     assert out.count("multiplier 1.") == 2 and "budget-invariant speedup 1." in out
+    assert main(["compare", str(paths["base"]), str(paths["variant"]), "--compute", "1e20", "--total-per-active", "4"]) == 0
+    assert "total parameters over the baseline's" in capsys.readouterr().out
     assert main(["compare", str(paths["base"]), "--compute", "1e20"]) == 2
     assert "--E-a and --E-b" in capsys.readouterr().err
     assert main(["compare", str(paths["base"]), str(paths["variant"]), "--compute", "-1"]) == 2
