@@ -76,13 +76,18 @@ def sensitivity(points: pd.DataFrame, *, bootstrap: int, seed: int = 0) -> dict 
     out: dict = {"conventions": [], "replicates": replicates,
                  "note": "6N: C = 6 N D with the N of the convention; exact: the C_exact column; tokens per "
                          "parameter at the largest budget's C under each convention"}
-    surfaces: dict[str, dict] = {}  # chinchilla is a law in N and D: one fit per N, whatever C counts
+    surfaces: dict[str, dict | Exception] = {}  # chinchilla is a law in N and D: one fit per N, whatever C counts
 
     def chinchilla(table: pd.DataFrame, params: str, top: float) -> dict:
         from fitting.export import fit_surface  # the export's checks: identifiable and physical, or not a law
 
         if params not in surfaces:
-            surfaces[params] = fit_surface(table, "chinchilla", bootstrap=replicates, seed=seed)
+            try:
+                surfaces[params] = fit_surface(table, "chinchilla", bootstrap=replicates, seed=seed)
+            except Exception as e:  # kept, so the other C convention reports it without fitting again
+                surfaces[params] = e
+        if isinstance(surfaces[params], Exception):
+            raise surfaces[params]
         return _chinchilla(table, surfaces[params], top)
 
     for params, flops in GRID:
@@ -93,10 +98,11 @@ def sensitivity(points: pd.DataFrame, *, bootstrap: int, seed: int = 0) -> dict 
             out["conventions"].append(entry | {"not_fitted": str(e)})
             continue
         top = float(table.loc[budgets_of(table) == budgets_of(table).max(), "C"].median())
-        for law, fit in (("isoflop", lambda: _isoflop(table, top, replicates, seed)),
+        planned = table[table["budget"].notna()] if "budget" in table.columns else table.iloc[:0]
+        for law, fit in (("isoflop", lambda: _isoflop(planned, top, replicates, seed)),
                          ("chinchilla", lambda: chinchilla(table, params, top))):
-            if law == "isoflop" and "budget" not in table.columns:
-                entry[law] = {"not_fitted": "the table has no budget column (not an IsoFLOP sweep)"}
+            if law == "isoflop" and planned.empty:
+                entry[law] = {"not_fitted": "no rows with a budget (not an IsoFLOP sweep)"}
                 continue
             try:
                 entry[law] = fit()
