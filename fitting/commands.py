@@ -10,6 +10,9 @@ from fitting.errors import FitInputError
 from fitting.table import flops_per_param_token, load_points, with_conventions
 
 
+FAR_BEYOND = 10.0  # computes beyond this multiple of the data's largest get a warning
+
+
 def add_fit_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("fit", help="fit a scaling law to a points table (CSV or parquet with N, D, loss)")
     p.add_argument("--points", type=Path, required=True, help="points table, .csv or .parquet (columns N, D, loss, ...)")
@@ -169,6 +172,9 @@ def cmd_compare(args) -> int:
     base, variant = lawfile.load_law(args.law_a), lawfile.load_law(law_b)
     print(f"compute multiplier of {law_b} (E = {args.E_b:g}) over {args.law_a} (E = {args.E_a:g}): the baseline's "
           f"compute to reach the variant's compute-optimal loss, over the variant's compute (> 1: the variant is better)")
+    _warn_beyond_data(base, args.compute)
+    if law_b != args.law_a:
+        _warn_beyond_data(variant, args.compute)
     for row in compare.multipliers(base, variant, args.compute, E_base=args.E_a, E_variant=args.E_b,
                                    total_per_active=args.total_per_active):
         print(f"  C = {row['compute']:.4g}: variant loss {row['variant_loss']:.4g}, multiplier "
@@ -196,6 +202,15 @@ def _compare_frontiers(args, compare) -> dict:
     return {"baseline": compare.frontier(tables[0]), "variant": compare.frontier(tables[1])}
 
 
+def _warn_beyond_data(law, computes) -> None:
+    """Intervals from a bootstrap see only the fit's noise: say so where a compute lies far beyond the data."""
+    top = law.doc.get("meta", {}).get("max_C")
+    for C in computes:
+        if top and C > FAR_BEYOND * top:
+            print(f"  warning: C = {C:.3g} is {C / top:.3g}x the largest compute in the data ({top:.3g}); "
+                  f"the intervals see the fit's noise, not a change of regime")
+
+
 def _print_inference(law, args) -> int:
     opt = (law.inference_optimal(args.loss, args.inference_tokens, args.E) if args.loss is not None
            else law.optimal(args.compute, args.E, inference_tokens=args.inference_tokens))
@@ -203,6 +218,7 @@ def _print_inference(law, args) -> int:
     source = f"loss {args.loss:g}" if args.loss is not None else f"the Chinchilla-optimal loss at C = {args.compute:.4g}"
     print(f"inference-aware optimum for {source} ({opt['loss']:.4g} nats/token) and {args.inference_tokens:.4g} "
           f"inference tokens (E = {args.E:g}; {opt['law']} law; training {k:.3g} N D + inference {k / 3:.3g} N T FLOPs):")
+    _warn_beyond_data(law, [opt["training_flops"], opt["chinchilla_total_flops"]])
     for key, label in (("N_opt", "N_opt"), ("D_opt", "D_opt"), ("tokens_per_param", "tokens/param"),
                        ("training_flops", "training FLOPs"), ("inference_flops", "inference FLOPs"),
                        ("total_flops", "total FLOPs"), ("chinchilla_N", "Chinchilla N"),

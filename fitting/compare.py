@@ -44,7 +44,7 @@ def multipliers(base: Law, variant: Law, computes, *, E_base: float = 1, E_varia
     n = min(len(b_reps["E"]), len(v_reps["E"])) if b_reps and v_reps else 0
     rows = []
     for C in np.asarray(computes, float):
-        point = {key: float(v[0]) for key, v in _optima(C, b_point, base.k, v_point, variant.k).items()}
+        point = {key: float(value[0]) for key, value in _optima(C, b_point, base.k, v_point, variant.k).items()}
         spread = (_optima(C, {k: x[:n] for k, x in b_reps.items()}, base.k, {k: x[:n] for k, x in v_reps.items()},
                           variant.k) if n else None)
         row = {"compute": float(C), "variant_loss": point["variant_loss"], "baseline_compute": point["baseline_compute"],

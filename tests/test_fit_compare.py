@@ -36,7 +36,8 @@ def two_families(tmp_path_factory):
         points = isoflop_points(law, rng)
         points.to_csv(folder / f"{name}.csv", index=False)
         section = fit_law(points, "chinchilla", bootstrap=20, seed=1)
-        doc = lawfile.document({"chinchilla": section}, conventions=lawfile.conventions(params=None, flops="6N"), meta={})
+        doc = lawfile.document({"chinchilla": section}, conventions=lawfile.conventions(params=None, flops="6N"),
+                               meta={"max_C": float(points["C"].max())})
         paths[name] = lawfile.write(folder / f"{name}.json", doc)
     return folder, paths
 
@@ -84,10 +85,11 @@ def test_the_shared_exponent_interval_covers_near_95_percent():
 
 def test_compare_cli_prints_both_forms_and_rejects_a_law_against_itself(two_families, capsys):
     folder, paths = two_families
-    assert main(["compare", str(paths["base"]), str(paths["variant"]), "--compute", "1e20", "1e22",
+    assert main(["compare", str(paths["base"]), str(paths["variant"]), "--compute", "1e20", "1e23",
                  "--points", str(folder / "base.csv"), str(folder / "variant.csv")]) == 0
     out = capsys.readouterr().out
     assert out.count("multiplier 1.") == 2 and "budget-invariant speedup 1." in out
+    assert out.count("warning: C = 1e+23 is 100x the largest compute") == 2 and "C = 1e+20 is" not in out
     assert main(["compare", str(paths["base"]), str(paths["variant"]), "--compute", "1e20", "--total-per-active", "4"]) == 0
     assert "total parameters over the baseline's" in capsys.readouterr().out
     assert main(["compare", str(paths["base"]), "--compute", "1e20"]) == 2
