@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
+from rich.console import Console
 
-from fitting import laws
+from fitting import laws, plots
 from fitting.conventions import relabel, sensitivity, table
 from fitting.errors import FitInputError
+from fitting.export import ExportSummary
 
 HOFFMANN = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 VOCAB, SEQ = 4096, 256
@@ -61,3 +65,13 @@ def test_a_convention_the_table_cannot_give_is_reported_and_a_one_convention_tab
         relabel(points, "total", "exact")
     assert relabel(points, "total", "6N")["C"].equals(6 * points["N_total"] * points["D"])
     assert sensitivity(points[["N", "D", "C", "loss", "budget"]], bootstrap=0) is None
+
+
+def test_the_export_draws_and_prints_the_sensitivity(section, tmp_path):
+    doc = {"conventions": {"N": "non-embedding parameters", "C": "6 N D"}, "laws": {}, "meta": {},
+           "convention_sensitivity": section}
+    assert plots.convention_sensitivity(doc, pd.DataFrame(), tmp_path / "conventions.png").stat().st_size > 0
+    console = Console(file=io.StringIO(), width=150)
+    ExportSummary(doc=doc, paths=[], failed={}, left_out={}).print(console)
+    out = console.file.getvalue()
+    assert "convention sensitivity" in out and f"isoflop {section['isoflop_a_spread']:.2g}" in out

@@ -114,6 +114,7 @@ def test_dense_and_moe_together_give_the_moe_law_and_its_efficiency_gain(tmp_pat
         assert low <= truth_multiplier <= high and row["multiplier"] == pytest.approx(truth_multiplier, rel=0.1)
     shared = doc["compare"]["shared_exponent"]  # on a grid's lower envelope, not an IsoFLOP frontier: only sane
     assert shared["speedup_ci"]["E8"][0] <= shared["speedup"]["E8"] <= shared["speedup_ci"]["E8"][1]
+    assert (tmp_path / "family_speedup.png").stat().st_size > 0
 
 
 def test_loss_laws_take_each_cells_best_run_when_hyperparameters_vary(tmp_path):
