@@ -209,10 +209,36 @@ def convention_sensitivity(doc: dict, points: pd.DataFrame, path: Path) -> Path 
     return _save(fig, path)
 
 
+def inference_aware(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
+    """At the loss the law gives at the data's largest compute: the inference-aware model's tokens per parameter
+    and lifetime-FLOP saving against the Chinchilla-optimal one, over inference demand (fitting/inference.py)."""
+    law = Law(doc)
+    if law.chinchilla_coefficients(1) is None or not doc["meta"].get("max_C"):
+        return None
+    C = doc["meta"]["max_C"]
+    base = law.optimal(C)
+    demand = base["D_opt"] * np.logspace(-2, 2, 25)  # inference tokens, from 1% to 100x the training tokens
+    optima = [law.inference_optimal(base["loss"], T) for T in demand]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, key, label in ((axes[0], "tokens_per_param", "tokens per parameter"),
+                           (axes[1], "saving", "lifetime FLOPs saved against Chinchilla-optimal")):
+        value = np.array([o[key] for o in optima])
+        ax.plot(demand / base["D_opt"], value, "-")
+        cis = [o[f"{key}_ci"] for o in optima]
+        if all(cis):
+            ax.fill_between(demand / base["D_opt"], [c[0] for c in cis], [c[1] for c in cis], alpha=0.3, label="95% interval")
+            ax.legend(fontsize=7)
+        ax.set(xscale="log", yscale="log" if key == "tokens_per_param" else "linear",
+               xlabel="inference tokens / Chinchilla-optimal training tokens", ylabel=label)
+    fig.suptitle(f"inference-aware optimum at loss {base['loss']:.4g} (the law's optimum at C = {C:.3g}; "
+                 f"Sardana et al. 2024)")
+    return _save(fig, path)
+
+
 PLOTS = {"loss_vs_C.png": loss_vs_compute, "isoflop.png": isoflop_profiles, "fit_residuals.png": residuals,
          "law_vs_points.png": law_against_points, "optimal_allocation.png": optimal_allocation,
          "dense_vs_moe.png": dense_against_moe, "family_speedup.png": family_speedup,
-         "conventions.png": convention_sensitivity}
+         "conventions.png": convention_sensitivity, "inference_aware.png": inference_aware}
 
 
 def plot_all(doc: dict, points: pd.DataFrame, out_dir: Path) -> tuple[list[Path], dict[str, str]]:

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fitting import laws, load_law
+from fitting import laws, load_law, plots
 from fitting.inference import inference_optimal
 from runners.cli import main
 
@@ -80,3 +80,10 @@ def test_bad_inference_input_exits_2_with_one_line(args, message, law_json, caps
     assert main(["predict", "--law", str(law_json), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_export_plots_tokens_per_parameter_and_saving_over_inference_demand(law_json, tmp_path):
+    doc = load_law(law_json).doc
+    assert plots.inference_aware(doc, pd.DataFrame(), tmp_path / "none.png") is None  # no max_C: no data scale
+    doc = doc | {"meta": doc["meta"] | {"max_C": 1e20}}
+    assert plots.inference_aware(doc, pd.DataFrame(), tmp_path / "inference_aware.png").stat().st_size > 0
