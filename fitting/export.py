@@ -214,10 +214,14 @@ def _print_akima(console, section: dict | None) -> None:
 def _print_conventions(console, section: dict | None) -> None:
     if not section:
         return
+    rows = convention_sensitivity.table(section)
+    if rows["a"].isna().all():
+        console.print("convention sensitivity: not fitted: " + "; ".join(dict.fromkeys(rows["not_fitted"].astype(str))))
+        return
     table = Table(title="convention sensitivity: the N_opt exponent a and tokens per parameter at the largest budget")
     for col in ("N", "C", "law", "a", "95% interval", "tokens/param", "95% interval "):
         table.add_column(col, justify="right")
-    for _, r in convention_sensitivity.table(section).iterrows():
+    for _, r in rows.iterrows():
         if r["a"] is None or pd.isna(r["a"]):
             table.add_row(r["N"], r["C"], r["law"], "not fitted", str(r["not_fitted"])[:60], "", "")
             continue
