@@ -218,7 +218,7 @@ def _print_inference(law, args) -> int:
     source = f"loss {args.loss:g}" if args.loss is not None else f"the Chinchilla-optimal loss at C = {args.compute:.4g}"
     print(f"inference-aware optimum for {source} ({opt['loss']:.4g} nats/token) and {args.inference_tokens:.4g} "
           f"inference tokens (E = {args.E:g}; {opt['law']} law; training {k:.3g} N D + inference {k / 3:.3g} N T FLOPs):")
-    _warn_beyond_data(law, [opt["training_flops"], opt["chinchilla_total_flops"]])
+    _warn_beyond_data(law, [opt["training_flops"]])  # the training compute is what the law extrapolates to
     for key, label in (("N_opt", "N_opt"), ("D_opt", "D_opt"), ("tokens_per_param", "tokens/param"),
                        ("training_flops", "training FLOPs"), ("inference_flops", "inference FLOPs"),
                        ("total_flops", "total FLOPs"), ("chinchilla_N", "Chinchilla N"),
