@@ -188,6 +188,8 @@ def cmd_compare(args) -> int:
         print(f"budget-invariant speedup {_fmt(shared['speedup']['variant'], shared['speedup_ci']['variant'])} "
               f"(shared alpha {shared['alpha']:.3g}, L_inf {shared['L_inf']:.4g}, rms residual "
               f"{shared['rms_residual']:.2g}; {shared['method']})")
+        if shared["note"]:
+            print(f"  warning: {shared['note']}")
     return 0
 
 

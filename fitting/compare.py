@@ -107,7 +107,11 @@ def shared_exponent_speedup(frontiers: dict[str, pd.DataFrame], baseline: str) -
     resid_var = float(np.sum(fit.fun ** 2) / dof)
     cov = np.linalg.pinv(fit.jac.T @ fit.jac) * resid_var
     t = float(stats.t.ppf(0.5 + LEVEL / 2, dof))
+    at_bound = not 1e-3 * loss.min() < p[0] < (1 - 1e-3) * loss.min()
     out = {"baseline": baseline, "L_inf": float(p[0]), "alpha": float(p[1]), "C_0": float(np.exp(np.log(C).mean())),
+           "L_inf_identified": not at_bound,
+           "note": ("L_inf ran to the edge of its range (0 or the lowest loss): these budgets do not identify it, and "
+                    "the speedup holds only for this fit's exponent" if at_bound else None),
            "A": {n: float(np.exp(p[2 + i])) for i, n in enumerate(names)}, "dof": dof,
            "rms_residual": float(np.sqrt(resid_var)), "speedup": {}, "speedup_ci": {},
            "method": "L = L_inf + A_v (C/C_0)^-alpha, L_inf and alpha shared; speedup = (A_base/A_v)^(1/alpha); "

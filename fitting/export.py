@@ -257,6 +257,8 @@ def _print_compare(console, section: dict | None) -> None:
         low, high = shared["speedup_ci"][name]
         console.print(f"{name} over {shared['baseline']}, budget-invariant speedup (shared alpha {shared['alpha']:.3g}): "
                       f"{value:.3g} [{low:.3g}, {high:.3g}]")
+    if shared["note"]:
+        console.print(f"  warning: {shared['note']}")
 
 
 def _reference_computes(doc: dict) -> list[float]:

@@ -18,7 +18,7 @@
   "compare": when a sweep has several expert counts (fitting/compare.py): baseline "E1", "variants": {E8: [per
           compute: compute, variant_loss, baseline_compute, multiplier, multiplier_ci, replicates_paired, note]},
           "shared_exponent": the budget-invariant fit (L_inf, alpha, C_0, A per family, speedup, speedup_ci,
-          dof, rms_residual, method) or {"not_fitted": why},
+          dof, rms_residual, L_inf_identified, note, method) or {"not_fitted": why},
   "convention_sensitivity": when the points carry N_nonembed / N_total (fitting/conventions.py): "conventions",
           one entry per N in {nonembed, total} x C in {6N, exact}, with per law (isoflop, chinchilla) a, a_ci, C,
           tokens_per_param, tokens_per_param_ci (or not_fitted); isoflop_a_spread, chinchilla_a_spread,

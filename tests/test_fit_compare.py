@@ -66,6 +66,9 @@ def test_the_shared_exponent_speedup_recovers_the_multiplier(two_families):
     assert low <= MULTIPLIER <= high and shared["speedup"]["variant"] == pytest.approx(MULTIPLIER, rel=0.1)
     gamma = BASE["alpha"] * BASE["beta"] / (BASE["alpha"] + BASE["beta"])  # the frontier's exponent in C
     assert shared["alpha"] == pytest.approx(gamma, rel=0.25) and shared["L_inf"] == pytest.approx(BASE["E"], rel=0.05)
+    assert shared["L_inf_identified"] and shared["note"] is None
+    flat = {n: f.assign(loss=5 * (f["C"] / 1e18) ** -0.05) for n, f in fronts.items()}  # a pure power law: no floor
+    assert not shared_exponent_speedup(flat, "base")["L_inf_identified"]
 
 
 def test_the_shared_exponent_interval_covers_near_95_percent():
