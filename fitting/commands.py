@@ -1,4 +1,4 @@
-"""`scaling fit` and `scaling predict`: argument parsing and printing only; the work is in the fitters and Law."""
+"""`scaling fit`, `scaling predict` and `scaling compare`: argument parsing and printing only; the work is in the fitters and Law."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from pathlib import Path
 from fitting import LAWS, fit_law, lawfile
 from fitting.errors import FitInputError
 from fitting.table import flops_per_param_token, load_points, with_conventions
+
+
+FAR_BEYOND = 10.0  # computes beyond this multiple of the data's largest get a warning
 
 
 def add_fit_parser(subparsers) -> argparse.ArgumentParser:
@@ -45,7 +48,27 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--E", type=float, default=1.0, help="experts (moe law); 1 is dense")
     p.add_argument("--unique-tokens", type=float, default=None,
                    help="with --compute: the optimum when only this many unique tokens exist (data_constrained law)")
+    p.add_argument("--inference-tokens", type=float, default=None,
+                   help="lifetime inference tokens (with --loss or --compute): the model reaching that loss (or the "
+                        "Chinchilla-optimal loss at that compute) with the least training plus inference FLOPs")
     p.set_defaults(func=cmd_predict)
+    return p
+
+
+def add_compare_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("compare", help="compute multiplier of a variant over a baseline: the compute the "
+                                              "baseline needs to reach the variant's loss, per budget and budget-invariant")
+    p.add_argument("law_a", type=Path, help="the baseline's law.json")
+    p.add_argument("law_b", type=Path, nargs="?", default=None,
+                   help="the variant's law.json (default: LAW_A, e.g. dense against MoE of one joint moe fit)")
+    p.add_argument("--compute", type=float, nargs="+", required=True, help="training FLOPs to compare at")
+    p.add_argument("--E-a", type=float, default=1.0, help="the baseline's experts (moe law); 1 is dense")
+    p.add_argument("--E-b", type=float, default=1.0, help="the variant's experts (moe law)")
+    p.add_argument("--total-per-active", type=float, default=None,
+                   help="the variant's non-embedding parameters over its active ones (an MoE): also compare in total parameters")
+    p.add_argument("--points", type=Path, nargs="+", default=None,
+                   help="points tables for the budget-invariant speedup: A.csv B.csv, or one table split by --E-a/--E-b")
+    p.set_defaults(func=cmd_compare)
     return p
 
 
@@ -111,12 +134,18 @@ def _print_fit(doc: dict, paths: list[Path]) -> None:
 
 def cmd_predict(args) -> int:
     law = lawfile.load_law(args.law)
-    for name in ("--compute", "--N", "--D", "--E", "--loss", "--unique-tokens"):
+    for name in ("--compute", "--N", "--D", "--E", "--loss", "--unique-tokens", "--inference-tokens"):
         _check_positive(name, getattr(args, name[2:].replace("-", "_")))
+    if args.unique_tokens is not None and args.inference_tokens is not None:
+        raise FitInputError("give --unique-tokens or --inference-tokens, not both: no law here combines them")
     if args.unique_tokens is not None:
         if args.compute is None:
             raise FitInputError("--unique-tokens goes with --compute: the optimum at a compute under that data budget")
         return _predict_under_data(law, args.compute, args.unique_tokens, args.E)
+    if args.inference_tokens is not None:
+        if args.N is not None:
+            raise FitInputError("--inference-tokens goes with --loss or --compute, not --N")
+        return _print_inference(law, args)
     if args.N is not None:
         if args.D is None:
             raise FitInputError("--N needs --D (training tokens)")
@@ -155,6 +184,78 @@ def _predict_under_data(law, compute: float, unique_tokens: float, E: float) -> 
     print("  (loss lost: against the same law's optimum with unlimited unique data)")
     for name, why in opt["not_identified"].items():
         print(f"  {name} not identified: {why}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from fitting import compare
+
+    for name, value in [("--compute", c) for c in args.compute] + [("--E-a", args.E_a), ("--E-b", args.E_b),
+                                                                    ("--total-per-active", args.total_per_active)]:
+        _check_positive(name, value)
+    law_b = args.law_b or args.law_a
+    if law_b == args.law_a and args.E_a == args.E_b:
+        raise FitInputError("compare needs two laws, or one joint moe law with --E-a and --E-b differing")
+    base, variant = lawfile.load_law(args.law_a), lawfile.load_law(law_b)
+    print(f"compute multiplier of {law_b} (E = {args.E_b:g}) over {args.law_a} (E = {args.E_a:g}): the baseline's "
+          f"compute to reach the variant's compute-optimal loss, over the variant's compute (> 1: the variant is better)")
+    _warn_beyond_data(base, args.compute)
+    if law_b != args.law_a:
+        _warn_beyond_data(variant, args.compute)
+    for row in compare.multipliers(base, variant, args.compute, E_base=args.E_a, E_variant=args.E_b,
+                                   total_per_active=args.total_per_active):
+        print(f"  C = {row['compute']:.4g}: variant loss {row['variant_loss']:.4g}, multiplier "
+              f"{_fmt(row['multiplier'], row['multiplier_ci'])}" + (f" ({row['note']})" if row["note"] else ""))
+        if "total_params_ratio" in row:
+            print(f"    the variant's total parameters over the baseline's for that loss: "
+                  f"{_fmt(row['total_params_ratio'], row['total_params_ratio_ci'])}")
+    if args.points:
+        fronts = _compare_frontiers(args, compare)
+        shared = compare.shared_exponent_speedup(fronts, "baseline")
+        print(f"budget-invariant speedup {_fmt(shared['speedup']['variant'], shared['speedup_ci']['variant'])} "
+              f"(shared alpha {shared['alpha']:.3g}, L_inf {shared['L_inf']:.4g}, rms residual "
+              f"{shared['rms_residual']:.2g}; {shared['method']})")
+        if shared["note"]:
+            print(f"  warning: {shared['note']}")
+    return 0
+
+
+def _compare_frontiers(args, compare) -> dict:
+    tables = [load_points(p) for p in args.points]
+    if len(tables) > 2:
+        raise FitInputError("--points takes one table (split by --E-a and --E-b) or two (baseline, variant)")
+    if len(tables) == 1:
+        if "E" not in tables[0].columns:
+            raise FitInputError("--points with one table needs its 'E' column to split it; give two tables")
+        tables = [tables[0][tables[0]["E"] == e] for e in (args.E_a, args.E_b)]
+    return {"baseline": compare.frontier(tables[0]), "variant": compare.frontier(tables[1])}
+
+
+def _warn_beyond_data(law, computes) -> None:
+    """Intervals from a bootstrap see only the fit's noise: say so where a compute lies far beyond the data."""
+    top = law.doc.get("meta", {}).get("max_C")
+    for C in computes:
+        if top and C > FAR_BEYOND * top:
+            print(f"  warning: C = {C:.3g} is {C / top:.3g}x the largest compute in the data ({top:.3g}); "
+                  f"the intervals see the fit's noise, not a change of regime")
+
+
+def _print_inference(law, args) -> int:
+    opt = (law.inference_optimal(args.loss, args.inference_tokens, args.E) if args.loss is not None
+           else law.optimal(args.compute, args.E, inference_tokens=args.inference_tokens))
+    k = opt["flops_per_param_token"]
+    source = f"loss {args.loss:g}" if args.loss is not None else f"the Chinchilla-optimal loss at C = {args.compute:.4g}"
+    print(f"inference-aware optimum for {source} ({opt['loss']:.4g} nats/token) and {args.inference_tokens:.4g} "
+          f"inference tokens (E = {args.E:g}; {opt['law']} law; training {k:.3g} N D + inference {k / 3:.3g} N T FLOPs):")
+    _warn_beyond_data(law, [opt["training_flops"]])  # the training compute is what the law extrapolates to
+    for key, label in (("N_opt", "N_opt"), ("D_opt", "D_opt"), ("tokens_per_param", "tokens/param"),
+                       ("training_flops", "training FLOPs"), ("inference_flops", "inference FLOPs"),
+                       ("total_flops", "total FLOPs"), ("chinchilla_N", "Chinchilla N"),
+                       ("chinchilla_D", "Chinchilla D"), ("chinchilla_total_flops", "Chinchilla total"),
+                       ("saving", "saving")):
+        print(f"  {label:<18} {_fmt(opt[key], opt[key + '_ci'])}")
+    if opt["replicates_unreachable"]:
+        print(f"  ({opt['replicates_unreachable']} bootstrap replicates cannot reach this loss: left out of the intervals)")
     return 0
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 from rich.table import Table
 
-from fitting import lawfile
+from fitting import compare, conventions as convention_sensitivity, lawfile
 from fitting.errors import FitInputError
 from fitting.isoflop import budgets_of
 from fitting.table import flops_per_param_token, is_final, parametric_rows
@@ -32,10 +32,10 @@ def _try(fitted: Fitted, name: str, fit) -> None:
     try:
         fitted.sections[name] = fit()
     except Exception as e:  # a law the data cannot support is reported, whatever went wrong inside its fitter
-        fitted.failed[name] = _reason(e)
+        fitted.failed[name] = reason(e)
 
 
-def _reason(e: Exception) -> str:
+def reason(e: Exception) -> str:
     return str(e).splitlines()[0] if isinstance(e, FitInputError) else f"{type(e).__name__}: {e}"
 
 
@@ -83,6 +83,14 @@ def _repeats_data(points: pd.DataFrame) -> bool:
     return bool((final["D"] > final["unique_tokens"]).any())
 
 
+def fit_surface(rows: pd.DataFrame, law: str, **options) -> dict:
+    """A loss law in N and D, fitted only where the points can determine one and kept only if it is physical."""
+    _identifiable(rows)
+    section = _fit(law, rows, options)
+    _physical(law, section["params"])
+    return section
+
+
 def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: str = "points",
             delta: float = 1e-3) -> Fitted:
     """chinchilla (dense rows), moe (when E varies), envelope (curves with C), isoflop (budgets), hparams
@@ -95,11 +103,8 @@ def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: st
     dense = tuned[tuned["E"] == 1] if _varies(tuned, "E") else tuned
 
     def surface(law: str, rows: pd.DataFrame, holdout_above: float | None = None):
-        _identifiable(rows)
         backtest = {} if holdout_above is None else {"holdout_above": holdout_above}
-        section = _fit(law, rows, {**options, "delta": delta, **backtest})
-        _physical(law, section["params"])
-        return section
+        return fit_surface(rows, law, **options, delta=delta, **backtest)
 
     _try(fitted, "chinchilla", lambda: surface("chinchilla", dense))
     if _varies(points, "E"):
@@ -141,7 +146,7 @@ def _holdout_largest_budget(fitted: Fitted, law: str, rows: pd.DataFrame, refit)
     try:
         check = refit(float(final.loc[budget < budget.max(), "C"].max()))
     except Exception as e:  # as in _try: a backtest that cannot be fitted is reported, not raised
-        fitted.failed[f"{law} extrapolation"] = _reason(e)
+        fitted.failed[f"{law} extrapolation"] = reason(e)
         return
     fitted.sections[law]["extrapolation"] = check["extrapolation"]
 
@@ -186,12 +191,86 @@ class ExportSummary:
                               f"points above ({x['factor']:.3g}x): mean |error| {x['mean_abs_relative_error']:.2%}, "
                               f"max {x['max_abs_relative_error']:.2%}, rms {x['rms_relative_error']:.2%}, "
                               f"mean {x['mean_relative_error']:+.2%}, {covered} inside their interval")
+        _print_akima(console, self.doc["laws"].get("isoflop"))
+        _print_conventions(console, self.doc.get("convention_sensitivity"))
+        _print_compare(console, self.doc.get("compare"))
         if self.left_out:
             console.print("points left out of the parametric fits: "
                           + ", ".join(f"{n} {why}" for why, n in self.left_out.items()))
         for name, why in self.failed.items():
             console.print(f"not fitted: {name}: {why}")
         console.print("wrote " + ", ".join(str(p) for p in self.paths))
+
+
+def _interval(ci) -> str:
+    return f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
+
+
+def _print_akima(console, section: dict | None) -> None:
+    """Approach 2 twice: the parabola's a beside Akima's, and how far a window end moves each minimum."""
+    if not section or "params" not in section.get("akima", {}):
+        return
+    akima = section["akima"]
+    shifts = {kind: [b[f"window_shift_{kind}"] for b in section["budgets"] if b.get(f"window_shift_{kind}") is not None]
+              for kind in ("quadratic", "akima")}
+    line = (f"isoflop a: parabola {section['params']['a']:.3g}{_interval(section['ci'].get('a'))}, Akima "
+            f"{akima['params']['a']:.3g}{_interval(akima['ci'].get('a'))}")
+    if "a_parabola_minus_akima" in akima:
+        line += f"; parabola - Akima {akima['a_parabola_minus_akima']:+.3g}{_interval(akima['a_parabola_minus_akima_ci'])}"
+    if shifts["quadratic"] and shifts["akima"]:
+        line += (f"; leaving out an end size moves the minimum by up to {max(shifts['quadratic']):.2g} decades "
+                 f"(parabola), {max(shifts['akima']):.2g} (Akima)")
+    console.print(line)
+
+
+def _print_conventions(console, section: dict | None) -> None:
+    if not section:
+        return
+    rows = convention_sensitivity.table(section)
+    if rows["a"].isna().all():
+        console.print("convention sensitivity: not fitted: " + "; ".join(dict.fromkeys(rows["not_fitted"].astype(str))))
+        return
+    table = Table(title="convention sensitivity: the N_opt exponent a and tokens per parameter at the largest budget")
+    for col in ("N", "C", "law", "a", "95% interval", "tokens/param", "95% interval "):
+        table.add_column(col, justify="right")
+    for _, r in rows.iterrows():
+        if r["a"] is None or pd.isna(r["a"]):
+            table.add_row(r["N"], r["C"], r["law"], "not fitted", str(r["not_fitted"])[:60], "", "")
+            continue
+        table.add_row(r["N"], r["C"], r["law"], f"{r['a']:.3g}", _pair(r["a_low"], r["a_high"]),
+                      f"{r['tokens_per_param']:.3g}", _pair(r["tpp_low"], r["tpp_high"]))
+    console.print(table)
+    spreads = [f"{law} {section[f'{law}_a_spread']:.2g}" for law in ("isoflop", "chinchilla")
+               if section.get(f"{law}_a_spread") is not None]
+    if spreads:
+        console.print("a moves across conventions by " + ", ".join(spreads) + " (the choice of N and C alone)")
+
+
+def _pair(low, high) -> str:
+    return "-" if low is None or pd.isna(low) else f"[{low:.3g}, {high:.3g}]"
+
+
+def _print_compare(console, section: dict | None) -> None:
+    if not section:
+        return
+    for name, rows in section["variants"].items():
+        console.print(f"{name} over {section['baseline']}, compute multiplier (joint law, paired replicates): " + ", ".join(
+            f"C = {r['compute']:.3g}: {r['multiplier']:.3g}" + (f" [{r['multiplier_ci'][0]:.3g}, {r['multiplier_ci'][1]:.3g}]"
+                                                               if r["multiplier_ci"] else "") for r in rows))
+        if rows and "total_params_ratio" in rows[0]:
+            console.print(f"{name}: total parameters over dense's for the same loss ({rows[0]['total_per_active']:.3g} "
+                          f"total per active): " + ", ".join(f"C = {r['compute']:.3g}: {r['total_params_ratio']:.3g}"
+                                                             f"{_interval(r['total_params_ratio_ci'])}" for r in rows))
+    shared = section["shared_exponent"]
+    if "not_fitted" in shared:
+        console.print(f"budget-invariant speedup: not fitted: {shared['not_fitted']}")
+        return
+    for name, value in shared["speedup"].items():
+        low, high = shared["speedup_ci"][name]
+        console.print(f"{name} over {shared['baseline']}, budget-invariant speedup (shared alpha {shared['alpha']:.3g}): "
+                      f"{value:.3g} [{low:.3g}, {high:.3g}]")
+    if shared["note"]:
+        console.print(f"  warning: {shared['note']}")
 
 
 def _reference_computes(doc: dict) -> list[float]:
@@ -244,7 +323,15 @@ def export_laws(points: pd.DataFrame, out_dir: Path, *, meta: dict, bootstrap: i
         meta = {**meta, "max_C": float(points["C"].max())}
     doc = lawfile.document(fitted.sections, conventions=conventions, meta=meta, hparams=fitted.hparams,
                            failed=fitted.failed)
+    if (section := compare.export_section(doc, points, _reference_computes(doc))) is not None:
+        doc["compare"] = section
+    sensitivity = convention_sensitivity.sensitivity(best_per_cell(points), bootstrap=bootstrap, seed=seed)
+    if sensitivity is not None:
+        doc["convention_sensitivity"] = sensitivity
     paths = write_law_files(doc, out_dir / "law.json")
+    if sensitivity is not None:
+        paths.append(out_dir / "conventions.csv")
+        convention_sensitivity.table(sensitivity).to_csv(paths[-1], index=False)
     drawn, plots_failed = plots.plot_all(doc, points, out_dir)
     _, left_out = parametric_rows(points)
     return ExportSummary(doc=doc, paths=paths + drawn, failed=fitted.failed | plots_failed, left_out=left_out)

@@ -14,6 +14,17 @@
           (signed, predicted / actual - 1), fitted_max_C, held_out_max_C, factor (their ratio), points,
           The data_constrained section (fitting/data_constrained.py) adds n_single_epoch, n_base and
           not_identified ({coefficient: why the points cannot determine it}; its ci is then null),
+          The isoflop section also has "akima" (fitting/isoflop.py): the frontier on Akima minima (params, ci,
+          budgets_used, method, a_parabola_minus_akima and its paired-bootstrap interval), and per budget
+          akima_N_opt, akima_loss_opt, akima_flag, window_shift_quadratic, window_shift_akima,
+  "compare": when a sweep has several expert counts (fitting/compare.py): baseline "E1", "variants": {E8: [per
+          compute: compute, variant_loss, baseline_compute, multiplier, multiplier_ci, replicates_paired, note]},
+          "shared_exponent": the budget-invariant fit (L_inf, alpha, C_0, A per family, speedup, speedup_ci,
+          dof, rms_residual, L_inf_identified, note, method) or {"not_fitted": why},
+  "convention_sensitivity": when the points carry N_nonembed / N_total (fitting/conventions.py): "conventions",
+          one entry per N in {nonembed, total} x C in {6N, exact}, with per law (isoflop, chinchilla) a, a_ci, C,
+          tokens_per_param, tokens_per_param_ci (or not_fitted); isoflop_a_spread, chinchilla_a_spread,
+          replicates, note,
   "hparams": the learning-rate and batch-size laws (fitting/hparams.py), when fitted,
   "failed": {name: why that law (or "<law> extrapolation", its backtest) could not be fitted}
 }
@@ -22,6 +33,9 @@ Law.optimal(C[, unique_tokens=U]) returns N_opt, D_opt, loss, tokens_per_param, 
 law it used, and loss_ci_total: loss_ci widened on each side in quadrature by systematic_rel * loss, where
 systematic_rel = rms_relative_error of that law's backtest x max(1, ln(C / largest C fitted) / ln(factor));
 loss_ci_total_method says how, or why there is no total interval (None).
+Law.optimal(C, inference_tokens=T) and Law.inference_optimal(L, T) give the inference-aware optimum instead
+(fitting/inference.py): the model reaching the Chinchilla-optimal loss at C (or L) with the least training plus
+inference FLOPs, its saving against the Chinchilla-optimal model, each with an interval over the replicates.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fitting import laws
+from fitting import inference, laws
 from fitting.bootstrap import interval
 from fitting.errors import FitInputError
 
@@ -132,7 +146,7 @@ class Law:
         """The section that gives chinchilla coefficients at E experts: moe when fitted (any E), else chinchilla (E 1)."""
         return next((n for n in ("moe", "chinchilla") if n in self.laws and (n == "moe" or E == 1)), None)
 
-    def _dense(self, E) -> tuple[dict, list[dict] | None] | None:
+    def chinchilla_coefficients(self, E) -> tuple[dict, dict | None] | None:
         """chinchilla coefficients (point and per replicate) at E experts, when the file has chinchilla or moe."""
         name = self._dense_law(E)
         if name is None:
@@ -142,17 +156,22 @@ class Law:
         reps = None if samples is None else laws.as_dense(name, samples, E)
         return laws.as_dense(name, section["params"], E), reps
 
-    def optimal(self, C, E=1, unique_tokens: float | None = None) -> dict:
+    def optimal(self, C, E=1, *, unique_tokens: float | None = None, inference_tokens: float | None = None) -> dict:
         """N_opt, D_opt, loss and tokens per parameter at compute C, each with its interval (None without bootstrap),
-        `law`: the section they come from, and loss_ci_total (see the module docstring).
+        `law`: the section they come from, and loss_ci_total (see the module docstring). With inference_tokens:
+        inference_optimal at the loss the Chinchilla-optimal model of training compute C reaches.
 
         From the closed form of the moe (or chinchilla) law; from N_opt = k_N C^a, D_opt = k_D C^b of the
         isoflop or envelope fit when the file has no parametric law (then loss is None). With unique_tokens U:
         the optimum when only U unique tokens exist, from the data_constrained section, with epochs (D_opt / U)
         and loss_lost (against unlimited data) besides."""
+        if unique_tokens is not None and inference_tokens is not None:
+            raise FitInputError("give --unique-tokens or --inference-tokens, not both: no law here combines them")
         if unique_tokens is not None:
             return self._optimal_under_data(C, E, unique_tokens)
-        dense = self._dense(E)
+        if inference_tokens is not None:
+            return self.inference_optimal(self.optimal(C, E)["loss"], inference_tokens, E) | {"compute": float(C)}
+        dense = self.chinchilla_coefficients(E)
         if dense is not None:
             name = self._dense_law(E)
             point, reps = dense
@@ -194,8 +213,29 @@ class Law:
         return result | {"loss_ci_total": None, "systematic_rel": None, "not_identified": section.get("not_identified", {}),
                          "loss_ci_total_method": "the data_constrained law has no extrapolation backtest"}
 
+    def inference_optimal(self, L: float, T: float, E=1) -> dict:
+        """The model that reaches loss L with the least training (k N D) plus inference ((k/3) N T) FLOPs, beside
+        the Chinchilla-optimal model for L (fitting/inference.py); each figure with its interval over the bootstrap
+        replicates (each replicate's optimum for the same L; a replicate whose E is at or above L is left out and
+        counted in replicates_unreachable)."""
+        dense = self.chinchilla_coefficients(E)
+        if dense is None:
+            raise FitInputError("the inference-aware optimum needs a chinchilla or moe law; fit --law chinchilla")
+        point, reps = dense
+        out = inference.inference_optimal(L, T, **point, flops_per_param_token=self.k)
+        if not np.isfinite(out["N_opt"]):
+            raise FitInputError(f"loss {L:g} is not above the law's irreducible loss E = {point['E']:.4g}; "
+                                f"ask for a larger loss or a smaller compute")
+        spread = inference.inference_optimal_replicates(L, T, reps, self.k) if reps else None
+        result = {"law": self._dense_law(E), "loss": float(L), "inference_tokens": float(T),
+                  "flops_per_param_token": self.k, "inference_flops_per_param_token": self.k / 3.0}
+        for key in inference.KEYS:
+            result[key], result[f"{key}_ci"] = out[key], (interval(spread[key]) if spread else None)
+        result["replicates_unreachable"] = int(np.isnan(spread["N_opt"]).sum()) if spread else None
+        return result
+
     def compute_for_loss(self, L: float, E=1) -> float:
-        dense = self._dense(E)
+        dense = self.chinchilla_coefficients(E)
         if dense is None:
             raise FitInputError("the law file has no chinchilla or moe law to invert; fit --law chinchilla")
         return laws.compute_for_loss(L, **dense[0], flops_per_param_token=self.k)

@@ -90,16 +90,21 @@ def optimal_allocation(C, *, E, A, B, alpha, beta, flops_per_param_token: float 
             "tokens_per_param": d_opt / n_opt, "a": a, "b": b}
 
 
-def compute_for_loss(L: float, *, E, A, B, alpha, beta, flops_per_param_token: float = 6.0) -> float:
+def compute_for_loss(L, *, E, A, B, alpha, beta, flops_per_param_token: float = 6.0):
     """The least compute whose optimal allocation reaches loss L.
 
     Along the optimal path L - E = (A G^-alpha + B G^beta) (C/k)^-(alpha beta/(alpha+beta)), so C inverts in closed form.
+    Scalars give a float (an unreachable L raises); arrays (bootstrap replicates) give NaN where L is not above E.
     """
-    if not L > E:
+    if np.ndim(L) == 0 and np.ndim(E) == 0 and not L > E:
         raise FitInputError(f"loss {L:g} is not above the law's irreducible loss E = {E:.4g}; ask for a larger loss")
+    alpha, beta = np.asarray(alpha, float), np.asarray(beta, float)
     G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
     scale = A * G ** -alpha + B * G ** beta
-    return float(flops_per_param_token * (scale / (L - E)) ** ((alpha + beta) / (alpha * beta)))
+    gap = np.asarray(L - E, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        C = flops_per_param_token * np.where(gap > 0, scale / gap, np.nan) ** ((alpha + beta) / (alpha * beta))
+    return float(C) if np.ndim(C) == 0 else C
 
 
 SURFACES = ("moe", "chinchilla", "kaplan")  # laws that give L(N, D[, E]); a law file's loss uses the first it has

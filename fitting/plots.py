@@ -60,7 +60,10 @@ def isoflop_profiles(doc: dict, points: pd.DataFrame, path: Path) -> Path | None
         ax.plot(np.exp(x + budget["log_N_centre"]), c0 + c1 * x + c2 * x ** 2, color=color, label=f"C={budget['C']:.2g}")
         if budget["N_opt"] is not None:
             ax.plot(budget["N_opt"], budget["loss_opt"], "x" if budget["flag"] else "o", color=color, ms=9)
-    ax.set(xscale="log", xlabel="N", ylabel="loss (nats/token)", title="IsoFLOP profiles (x: flagged minimum)")
+        if budget.get("akima_N_opt") is not None and budget["akima_flag"] is None:
+            ax.plot(budget["akima_N_opt"], budget["akima_loss_opt"], "s", mfc="none", color=color, ms=9)
+    ax.set(xscale="log", xlabel="N", ylabel="loss (nats/token)",
+           title="IsoFLOP profiles (o: parabola's minimum, x: flagged, square: Akima's minimum)")
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -159,6 +162,79 @@ def dense_against_moe(doc: dict, points: pd.DataFrame, path: Path) -> Path | Non
     return _save(fig, path)
 
 
+def family_speedup(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
+    """Each family's compute frontier and the shared-exponent fit through it (law.json's compare section)."""
+    shared = (doc.get("compare") or {}).get("shared_exponent", {})
+    if "speedup" not in shared:
+        return None
+    from fitting.compare import family_frontiers
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, front in family_frontiers(points).items():
+        line, = ax.plot(front["C"], front["loss"], "o", label=f"{name} frontier")
+        grid = np.logspace(np.log10(front["C"].min()), np.log10(front["C"].max()) + 1, 50)
+        speedup = shared["speedup"].get(name)
+        ax.plot(grid, shared["L_inf"] + shared["A"][name] * (grid / shared["C_0"]) ** -shared["alpha"], "-",
+                color=line.get_color(), label=f"{name}: shared fit" + (f", speedup {speedup:.3g}" if speedup else ""))
+    ax.set(xscale="log", xlabel="C (FLOPs)", ylabel="loss (nats/token)",
+           title=f"compute frontiers, L_inf and alpha shared (alpha {shared['alpha']:.3g})")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def convention_sensitivity(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
+    """a and tokens per parameter under each convention (N non-embedding or total x C 6N or exact), per law."""
+    section = doc.get("convention_sensitivity")
+    if not section:
+        return None
+    from fitting.conventions import table
+
+    rows = table(section).dropna(subset=["a"])
+    if rows.empty:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    labels = [f"{n}, {c}" for n, c in dict.fromkeys(zip(rows["N"], rows["C"]))]
+    for offset, (law, mine) in zip((-0.1, 0.1), rows.groupby("law", sort=True)):
+        x = np.array([labels.index(f"{n}, {c}") for n, c in zip(mine["N"], mine["C"])]) + offset
+        for ax, key, low, high in ((axes[0], "a", "a_low", "a_high"),
+                                   (axes[1], "tokens_per_param", "tpp_low", "tpp_high")):
+            value = mine[key].to_numpy(float)
+            err = np.abs(np.vstack([value - mine[low].to_numpy(float), mine[high].to_numpy(float) - value]))
+            ax.errorbar(x, value, yerr=np.nan_to_num(err), fmt="o", capsize=3, label=law)
+    for ax, ylabel in zip(axes, ("a (N_opt = k C^a)", "tokens per parameter at the largest budget")):
+        ax.set_xticks(range(len(labels)), labels, rotation=20)
+        ax.set(xlabel="convention (N, C)", ylabel=ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle("convention sensitivity (95% bootstrap intervals)")
+    return _save(fig, path)
+
+
+def inference_aware(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
+    """At the loss the law gives at the data's largest compute: the inference-aware model's tokens per parameter
+    and lifetime-FLOP saving against the Chinchilla-optimal one, over inference demand (fitting/inference.py)."""
+    law = Law(doc)
+    if law.chinchilla_coefficients(1) is None or not doc["meta"].get("max_C"):
+        return None
+    C = doc["meta"]["max_C"]
+    base = law.optimal(C)
+    demand = base["D_opt"] * np.logspace(-2, 2, 25)  # inference tokens, from 1% to 100x the training tokens
+    optima = [law.inference_optimal(base["loss"], T) for T in demand]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, key, label in ((axes[0], "tokens_per_param", "tokens per parameter"),
+                           (axes[1], "saving", "lifetime FLOPs saved against Chinchilla-optimal")):
+        value = np.array([o[key] for o in optima])
+        ax.plot(demand / base["D_opt"], value, "-")
+        cis = [o[f"{key}_ci"] for o in optima]
+        if all(cis):
+            ax.fill_between(demand / base["D_opt"], [c[0] for c in cis], [c[1] for c in cis], alpha=0.3, label="95% interval")
+            ax.legend(fontsize=7)
+        ax.set(xscale="log", yscale="log" if key == "tokens_per_param" else "linear",
+               xlabel="inference tokens / Chinchilla-optimal training tokens", ylabel=label)
+    fig.suptitle(f"inference-aware optimum at loss {base['loss']:.4g} (the law's optimum at C = {C:.3g}; "
+                 f"Sardana et al. 2024)")
+    return _save(fig, path)
+
+
 def effective_data(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
     """Effective data D' against D for each unique-token budget U (data_constrained law, 95% band over its
     replicates of R_D*), D' = D for reference, and each final point's D' as its loss implies it (the law
@@ -192,7 +268,9 @@ def effective_data(doc: dict, points: pd.DataFrame, path: Path) -> Path | None:
 
 PLOTS = {"loss_vs_C.png": loss_vs_compute, "isoflop.png": isoflop_profiles, "fit_residuals.png": residuals,
          "law_vs_points.png": law_against_points, "optimal_allocation.png": optimal_allocation,
-         "dense_vs_moe.png": dense_against_moe, "effective_data.png": effective_data}
+         "dense_vs_moe.png": dense_against_moe, "family_speedup.png": family_speedup,
+         "conventions.png": convention_sensitivity, "inference_aware.png": inference_aware,
+         "effective_data.png": effective_data}
 
 
 def plot_all(doc: dict, points: pd.DataFrame, out_dir: Path) -> tuple[list[Path], dict[str, str]]:

@@ -84,7 +84,7 @@ def cmd_ui(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fitting.commands import add_fit_parser, add_predict_parser
+    from fitting.commands import add_compare_parser, add_fit_parser, add_predict_parser
 
     parser = argparse.ArgumentParser(prog="scaling", description="Scaling-law sweeps on Ray, tracked in MLflow, fitted into laws.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_fit_parser(sub)
     add_predict_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 

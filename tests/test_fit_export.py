@@ -88,7 +88,7 @@ def test_a_law_the_table_cannot_support_is_reported_not_raised(tmp_path):
     assert law.doc["failed"] == summary.failed and law.loss_interval(1e9, 1e10) is None
 
 
-def test_dense_and_moe_together_give_the_moe_law_and_its_efficiency_gain(tmp_path):
+def test_dense_and_moe_together_give_the_moe_law_and_its_efficiency_gain(tmp_path, capsys):
     truth = dict(sigma=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, gamma=0.1)
     rng = np.random.default_rng(1)
     N, D, E = (g.ravel() for g in np.meshgrid(np.logspace(7, 10, 5), np.logspace(9, 12, 5), [1, 8]))
@@ -107,6 +107,19 @@ def test_dense_and_moe_together_give_the_moe_law_and_its_efficiency_gain(tmp_pat
     dense_loss = law.optimal(1e21, E=1)["loss"]
     assert law.compute_for_loss(dense_loss, E=8) == pytest.approx(1e21 / gain, rel=1e-6)
     assert (tmp_path / "dense_vs_moe.png").stat().st_size > 0
+    # the compare section: E8 needs 8^(gamma/alpha) less compute than dense at every budget, inside its interval
+    truth_multiplier = 8 ** (truth["gamma"] / truth["alpha"])
+    for row in doc["compare"]["variants"]["E8"]:
+        low, high = row["multiplier_ci"]
+        assert low <= truth_multiplier <= high and row["multiplier"] == pytest.approx(truth_multiplier, rel=0.1)
+    shared = doc["compare"]["shared_exponent"]  # on a grid's lower envelope, not an IsoFLOP frontier: only sane
+    assert shared["speedup_ci"]["E8"][0] <= shared["speedup"]["E8"] <= shared["speedup_ci"]["E8"][1]
+    assert (tmp_path / "family_speedup.png").stat().st_size > 0
+    from runners.cli import main  # the same joint law through `scaling compare --E-a 1 --E-b 8`
+
+    row = doc["compare"]["variants"]["E8"][0]
+    assert main(["compare", str(tmp_path / "law.json"), "--E-a", "1", "--E-b", "8", "--compute", str(row["compute"])]) == 0
+    assert f"multiplier {row['multiplier']:.4g}" in capsys.readouterr().out
 
 
 def test_loss_laws_take_each_cells_best_run_when_hyperparameters_vary(tmp_path):
