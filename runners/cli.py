@@ -13,9 +13,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """The exception classes whose message is meant for the user (one line each)."""
     from fitting.errors import FitInputError
     from runners.data.store import DataError
+    from runners.tracking.results import NotInStore
     from sweeps.errors import SpecError
 
-    return (SpecError, FitInputError, DataError)
+    return (SpecError, FitInputError, DataError, NotInStore)
 
 
 def _spec(args):
@@ -46,10 +47,25 @@ def cmd_run(args) -> int:
 
 def cmd_export(args) -> int:
     from runners import pipeline
+    from runners.job import refuse_if_lost
     from runners.tracking.runs import SweepRuns
 
     spec = _spec(args)
+    refuse_if_lost(spec)
     pipeline.export(spec, SweepRuns(spec.name))
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from runners.tracking.results import pull
+    from runners.tracking.runs import tracking_uri
+
+    spec = _spec(args)
+    out = args.out or spec.results_dir / spec.name
+    uri = tracking_uri()
+    files = pull(spec.name, uri, out)
+    print(f"pulled sweep {spec.name} from {uri}: {len(files)} files into {out}: "
+          + ", ".join(str(f.relative_to(out)) for f in files))
     return 0
 
 
@@ -105,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="collect the sweep's points from MLflow, fit, and write results/<sweep>/")
     p.add_argument("spec", type=Path)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("pull", help="bring a sweep's results (points, law, plots) from its MLflow run into results/<sweep>/")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="write here instead of the spec's results_dir/<name>/")
+    p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("status", help="each trial's state from MLflow")
     p.add_argument("spec", type=Path)

@@ -15,7 +15,9 @@ from rich.table import Table
 from fitting.errors import FitInputError
 from runners.tracking import names
 from runners.tracking.collect import collect_points
+from runners.tracking.results import publish
 from runners.data.store import content_hash, prepare_data, vocab_size_of
+from runners.job import refuse_if_lost
 from runners.scheduling.search import GridSource, SearchSource
 from runners.scheduling.sweep import SweepOutcome, connect, run_trials
 from runners.tracking.runs import SweepRuns
@@ -154,13 +156,14 @@ def export(spec: SweepSpec, runs: SweepRuns) -> Path:
     meta = {"sweep": spec.name, "data_content_hash": content_hash(spec.data),
             "N": spec.fit.params, "C": spec.fit.flops, "loss": "validation nats per token"}
     summary = export_laws(points, out, meta=meta, bootstrap=spec.fit.bootstrap)
-    runs.client.log_artifacts(runs.parent_id, str(out), names.ARTIFACT_DIR)
+    publish(runs, out)
     summary.print(console)
     return out
 
 
 def run(spec: SweepSpec, *, address: str | None, fit: bool = True, cache_dir: Path | None = None) -> int:
     """Plan, run what is not done yet, and export. Exit code: 0 when every trial ended in a done state."""
+    refuse_if_lost(spec)
     trials = source(spec)
     console.print(f"sweep {spec.name}: {trials.total} trials planned")
     if isinstance(trials, GridSource):
