@@ -55,15 +55,6 @@ def best_per_cell(points: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([points[~final], best]).sort_index()
 
 
-def _identifiable(points: pd.DataFrame) -> None:
-    """A surface in N and D needs several of each among the final points, or its exponents are not determined."""
-    final = points[is_final(points)] if "final" in points.columns else points
-    n, d = final["N"].nunique(), final["D"].nunique()
-    if n < 3 or d < 3:
-        raise FitInputError(f"a loss law in N and D needs at least 3 model sizes and 3 token counts among the final "
-                            f"points; this sweep has {n} and {d} (a search or a single budget is not a scaling sweep)")
-
-
 def _physical(law: str, params: dict) -> None:
     """A surface whose loss does not fall with N and with D, or whose coefficients ran off to infinity, is the
     optimiser's answer to points that do not separate N from D (or to mistuned trials), not a scaling law:
@@ -87,7 +78,6 @@ def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: st
     dense = tuned[tuned["E"] == 1] if _varies(tuned, "E") else tuned
 
     def surface(law: str, rows: pd.DataFrame, holdout_above: float | None = None):
-        _identifiable(rows)
         section = fit_parametric(rows, law, delta=delta, holdout_above=holdout_above, **options)
         _physical(law, section["params"])
         return section
@@ -150,8 +140,9 @@ class ExportSummary:
             values = {**section["params"], **section.get("derived", {})}
             cis = {**section["ci"], **section.get("derived_ci", {})}
             for k, v in values.items():
-                ci = cis.get(k)
-                table.add_row(name, k, f"{v:.4g}", f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "-")
+                ci, why = cis.get(k), section.get("not_identified", {}).get(k)
+                table.add_row(name, k, "not identified" if why else f"{v:.4g}",
+                              why or (f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "-"))
         for name, section in (self.doc.get("hparams") or {}).items():
             if isinstance(section, dict) and "form" in section:  # the fitted hparams laws, e.g. lr = k * C**a
                 for k, v in section.items():
@@ -162,10 +153,16 @@ class ExportSummary:
         law = lawfile.Law(self.doc)
         if any(n in self.doc["laws"] for n in ("chinchilla", "moe", "isoflop", "envelope")):
             for c in _reference_computes(self.doc):
-                opt = law.optimal(c)
+                try:
+                    opt = law.optimal(c)
+                except FitInputError as e:  # a law that cannot give an allocation says why, once
+                    console.print(f"no optimal allocation: {e}")
+                    break
+                reach = opt["reach"].get("C")
                 console.print(f"C = {c:.3g}: N_opt {opt['N_opt']:.3g}, D_opt {opt['D_opt']:.3g}, "
                               f"{opt['tokens_per_param']:.3g} tokens/param"
-                              + (f", loss {opt['loss']:.4g}" if opt["loss"] is not None else ""))
+                              + (f", loss {opt['loss']:.4g}" if opt["loss"] is not None else "")
+                              + (f" ({reach:.3g}x the largest fitted C)" if reach and reach > 1.01 else ""))
         for name, section in self.doc["laws"].items():
             x = section.get("extrapolation")
             if x:
@@ -190,16 +187,17 @@ def _reference_computes(doc: dict) -> list[float]:
 
 
 def law_rows(doc: dict) -> pd.DataFrame:
-    """The law file flattened: one row per law and coefficient (derived figures included)."""
+    """The law file flattened: one row per law and coefficient (derived figures included); a coefficient the
+    data do not identify has no value and says why in `not_identified`."""
     rows = []
     for name, section in doc["laws"].items():
         values = {**section["params"], **section.get("derived", {})}
         cis = {**section["ci"], **section.get("derived_ci", {})}
         for k, v in values.items():
-            ci = cis.get(k) or [None, None]
-            rows.append({"law": name, "coefficient": k, "value": v, "low": ci[0], "high": ci[1],
-                         "n_points": section["n_points"]})
-    return pd.DataFrame(rows, columns=["law", "coefficient", "value", "low", "high", "n_points"])
+            ci, why = cis.get(k) or [None, None], section.get("not_identified", {}).get(k)
+            rows.append({"law": name, "coefficient": k, "value": None if why else v, "low": ci[0], "high": ci[1],
+                         "n_points": section["n_points"], "not_identified": why})
+    return pd.DataFrame(rows, columns=["law", "coefficient", "value", "low", "high", "n_points", "not_identified"])
 
 
 def _without_samples(doc: dict) -> dict:

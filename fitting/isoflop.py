@@ -121,7 +121,8 @@ def fit_isoflop(points: pd.DataFrame, *, bootstrap: int = 0, seed: int = 0, resa
     }
     if bootstrap:
         section["bootstrap"] = _bootstrap(rows, budget, k, bootstrap, seed, resample)
-        section["ci"] = intervals({key: np.array(v) for key, v in section["bootstrap"]["samples"].items()})
+        section["ci"] = intervals({key: np.array(v) for key, v in section["bootstrap"]["samples"].items()},
+                                 estimates=section["params"])
     return section
 
 
