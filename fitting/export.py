@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 from rich.table import Table
 
-from fitting import lawfile
+from fitting import lawfile, report
 from fitting.errors import FitInputError
 from fitting.isoflop import budgets_of
 from fitting.parametric import fit_parametric
@@ -231,6 +231,7 @@ def export_laws(points: pd.DataFrame, out_dir: Path, *, meta: dict, bootstrap: i
     doc = lawfile.document(fitted.sections, conventions=conventions, meta=meta, hparams=fitted.hparams,
                            failed=fitted.failed)
     paths = write_law_files(doc, out_dir / "law.json")
+    report.update(out_dir / "README.md", doc)  # the README's quoted numbers follow the law they quote
     drawn, plots_failed = plots.plot_all(doc, points, out_dir)
     _, left_out = parametric_rows(points)
     return ExportSummary(doc=doc, paths=paths + drawn, failed=fitted.failed | plots_failed, left_out=left_out)

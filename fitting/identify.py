@@ -2,7 +2,7 @@
 identify, and the range the law was fitted over (so a prediction can say how far beyond it it goes).
 
 A coefficient is not identified when the points cannot pin it down: an offset (E, sigma) that ran to its lower
-bound 0 (the losses show no floor), gamma when every point has the same expert count, and the exponents of a
+bound 0 or whose bootstrap interval reaches it (the losses show no floor), gamma when every point has the same expert count, and the exponents of a
 law that fits worse than a constant (r2 < 0). Its law-file section lists it in `not_identified` with the
 reason and gives it no interval; printers show the reason, not the number (the number stays in `params`
 because the law's formula needs it).
@@ -43,13 +43,15 @@ def require_spread(points: pd.DataFrame, column: str, law: str) -> None:
                             f"have {points[column].nunique()}")
 
 
-def not_identified(params: dict, points: pd.DataFrame, r2: float) -> dict[str, str]:
-    """{coefficient: why the points do not identify it} for a fitted parametric law."""
+def not_identified(params: dict, ci: dict, points: pd.DataFrame, r2: float) -> dict[str, str]:
+    """{coefficient: why the points do not identify it} for a fitted parametric law (ci: its bootstrap intervals)."""
     out: dict[str, str] = {}
     floor = float(points["loss"].min())
     for k in OFFSETS:
         if k in params and params[k] < AT_BOUND * floor:
             out[k] = f"at its lower bound 0 (fitted {params[k]:.2g}): these losses show no floor"
+        elif k in params and ci.get(k) and ci[k][0] < AT_BOUND * floor:
+            out[k] = "its bootstrap interval reaches the lower bound 0: these losses show no floor"
     if "gamma" in params and "E" in points.columns and points["E"].nunique() == 1:
         out["gamma"] = f"every point has E = {float(points['E'].iloc[0]):g} experts; gamma needs several"
         if float(points["E"].iloc[0]) != 1:

@@ -327,9 +327,6 @@ def fit_parametric(points: pd.DataFrame, law: str = "chinchilla", *, delta: floa
                         "starts": len(starts), "starts_converged": int(full.converged.sum()),
                         "iterations": full.iterations + polished.iterations},
     }
-    section["not_identified"] = not_identified(params, used, section["diagnostics"]["r2"])
-    if name == "power_no_offset":  # E is fixed at 0 there, not fitted
-        section["not_identified"].pop("E", None)
     section["data_range"] = data_range(used)
     if law == "power":
         section["method"]["options"].update(x=x, offset=offset)
@@ -340,6 +337,9 @@ def fit_parametric(points: pd.DataFrame, law: str = "chinchilla", *, delta: floa
         section["ci"] = intervals({k: np.array(v) for k, v in section["bootstrap"]["samples"].items()},
                                  estimates=section["params"])
         section["bootstrap"]["interval"] = INTERVAL_METHOD
+    section["not_identified"] = not_identified(params, section["ci"], used, section["diagnostics"]["r2"])
+    if name == "power_no_offset":  # E is fixed at 0 there, not fitted
+        section["not_identified"].pop("E", None)
     if law in ("chinchilla", "moe"):
         experts = np.unique(used["E"].to_numpy(float)) if law == "moe" else np.array([])
         section["derived"], section["derived_ci"] = _derived(section, experts[experts > 1])
