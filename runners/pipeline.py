@@ -151,17 +151,33 @@ def export(spec: SweepSpec, runs: SweepRuns) -> Path:
             "N": spec.fit.params, "C": spec.fit.flops, "loss": "validation nats per token"}
     summary = export_laws(points, out, meta=meta, bootstrap=spec.fit.bootstrap)
     runs.client.log_artifacts(runs.parent_id, str(out), names.ARTIFACT_DIR)
+    runs.log_summary(summary.doc)
     summary.print(console)
     return out
 
 
 def run(spec: SweepSpec, *, address: str | None, fit: bool = True, cache_dir: Path | None = None) -> int:
-    """Plan, run what is not done yet, and export. Exit code: 0 when every trial ended in a done state."""
+    """Plan, run what is not done yet, and export. Exit code: 0 when every trial ended in a done state.
+    The sweep's parent run ends with it: FINISHED (exit 0), KILLED (interrupted) or FAILED."""
     trials = source(spec)
     console.print(f"sweep {spec.name}: {trials.total} trials planned")
     if isinstance(trials, GridSource):
         print_caveats(spec, trials.planned)
-    runs = SweepRuns(spec.name)  # creates the store and experiment once, before any worker opens it
+    runs = SweepRuns(spec.name, description=spec.description)  # the store and experiment, before any worker opens it
+    runs.sweep_started()
+    ended = names.FAILED
+    try:
+        code = _run(spec, trials, runs, address=address, fit=fit, cache_dir=cache_dir)
+        ended = {0: names.FINISHED, 130: names.KILLED}.get(code, names.FAILED)
+        return code
+    except KeyboardInterrupt:
+        ended = names.KILLED
+        raise
+    finally:
+        runs.sweep_ended(ended)
+
+
+def _run(spec: SweepSpec, trials, runs: SweepRuns, *, address: str | None, fit: bool, cache_dir: Path | None) -> int:
     prepare_data(spec.data, cache_dir)  # tokenize once here, so the trials find the cache and bad data fails early
     started = connect(address)
     try:

@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 
 from runners.tracking import names
+from runners.tracking.labels import branch_run_name, trial_run_name
 from runners.scheduling.progress import Board, SweepProgress
 from runners.scheduling.resources import ray_options
 from runners.scheduling.search import GridSource, Pruning, SearchSource, pruning_callback
@@ -55,10 +56,10 @@ def branch_id(trial_id: str, end: int) -> str:
 def register(runs: SweepRuns, p: PlannedTrial) -> tuple[str, dict[int, str]]:
     """Create (or find) the trial's run and its branches' runs: (run id, {branch end: run id})."""
     params = trial_params(p)
-    run_id = runs.trial_run(p.trial_id, params)
+    run_id = runs.trial_run(p.trial_id, params, run_name=trial_run_name(p))
     branches = {
         end: runs.trial_run(branch_id(p.trial_id, end), params | {names.PARAM_D: str(end)}, role=names.ROLE_BRANCH,
-                            tags={names.TAG_PARENT_TRIAL: p.trial_id}, run_name=f"{p.trial_id} branch D={end}")
+                            tags={names.TAG_PARENT_TRIAL: p.trial_id}, run_name=branch_run_name(p, end))
         for end in p.trial.train.schedule.branches
     }
     return run_id, branches
