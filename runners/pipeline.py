@@ -10,11 +10,12 @@ import pandas as pd
 import ray
 import yaml
 from rich.console import Console
-from rich.table import Table
 
 from fitting.errors import FitInputError
 from runners.tracking import names
 from runners.tracking.collect import collect_points
+from runners.tracking.labels import trial_run_name
+from runners.planview import plan_view
 from runners.data.store import content_hash, prepare_data, vocab_size_of
 from runners.scheduling.search import GridSource, SearchSource
 from runners.scheduling.sweep import SweepOutcome, connect, run_trials
@@ -95,7 +96,7 @@ def plan_table(spec: SweepSpec, planned: list[PlannedTrial]) -> pd.DataFrame:
     for p in planned:
         m, t = p.trial.model, p.trial.train
         rows.append({
-            "trial_id": p.trial_id, "family": m.family, "E": m.n_experts,
+            "trial_id": p.trial_id, "name": trial_run_name(p), "family": m.family, "E": m.n_experts,
             "N_total": p.params.total, "N_nonembed": p.params.nonembed, "N_active": p.params.active,
             "D": p.D, "budget": p.trial.budget, "flops_6N": p.flops_6N, "flops_exact": p.flops_exact,
             "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
@@ -117,13 +118,8 @@ def print_caveats(spec: SweepSpec, planned: list[PlannedTrial]) -> None:
 
 
 def print_plan(spec: SweepSpec, table: pd.DataFrame) -> None:
-    show = Table(title=f"sweep {spec.name}: {len(table)} trials")
-    cols = ["trial_id", "family", "E", "N_active", "D", "budget", "d_model", "n_layers", "lr", "batch_size", "flops_6N", "est_seconds"]
-    for c in cols:
-        show.add_column(c, justify="right")
-    for _, r in table.iterrows():
-        show.add_row(*[f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
-    console.print(show)
+    """The plan at the terminal's width (runners/planview.py); `--format csv` has every column."""
+    console.print(plan_view(f"sweep {spec.name}: {len(table)} trials", table, console.width))
     if spec.search is not None:
         console.print(f"search: {spec.search.trials} Optuna trials per row ({spec.search.sampler}, pruner "
                       f"{spec.search.pruner}); estimates count them all")

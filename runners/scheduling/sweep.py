@@ -10,6 +10,7 @@ cancellation.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -76,7 +77,8 @@ def connect(address: str | None) -> bool:
         ray.init(log_to_driver=False)
         return False
     os.environ.setdefault(NOSET_CUDA, "1")  # inherited by the Ray we start: workers may be kept across trials
-    ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    level = logging.getLevelName(os.environ.get("SCALING_RAY_LOG_LEVEL", "INFO"))  # runners.cli quiets it
+    ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1", logging_level=level)
     return True
 
 

@@ -11,11 +11,10 @@ from sweeps.expand import PlannedTrial
 
 
 def short(x: float) -> str:
-    """1.2M, 69M, 3k: two significant figures and an SI suffix."""
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            return f"{x / scale:.2g}{suffix}"
-    return f"{x:.2g}"
+    """1.2M, 69M, 598k: two significant figures (three from 100 up) and an SI suffix."""
+    scale, suffix = next(((s, u) for s, u in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")) if abs(x) >= s), (1, ""))
+    value = x / scale
+    return f"{value:.0f}{suffix}" if abs(value) >= 100 else f"{value:.2g}{suffix}"
 
 
 def rate(x: float) -> str:
