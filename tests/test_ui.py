@@ -4,26 +4,30 @@ with the sweep and carries the fitted law."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 
 from fitting import fit_law, lawfile, laws
 from runners import pipeline
 from runners.scheduling.sweep import register
 from runners.tracking import names
 from runners.tracking.labels import short
-from runners.tracking.runs import SweepRuns
+from runners.tracking.runs import SweepRuns, set_status
 from sweeps.spec import load_spec
 from tests.conftest import free_port, stop, wait_until_up
 from tests.helpers import tiny_spec
 
+ROOT = Path(__file__).resolve().parent.parent
 RUN_NAME = re.compile(r"^dense d\d+x\d+ N[\d.]+[kM]? D[\d.]+[kM] lr3e-3 s0$")
 
 
@@ -86,26 +90,32 @@ def test_a_sweep_reads_back_as_the_ui_shows_it(tmp_path, sqlite_uri):
 
 @pytest.mark.slow
 def test_the_runs_page_in_a_headless_browser(tmp_path, sqlite_uri):
-    """A screenshot of the runs page as `scaling ui` serves it (README's picture); skipped without Chromium."""
+    """The quickstart as `scaling ui` shows it, from its committed points and law (no training): a screenshot of
+    the runs page. Skipped without Chromium; SCALING_SCREENSHOT=docs/ui-runs.png keeps the picture (README's)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("no chromium on PATH (apt-get install chromium)")
-    spec = load_spec(tiny_spec(tmp_path, name="ui", description="a tiny sweep for the UI test"))
+    spec = load_spec(ROOT / "sweeps/examples/quickstart.yaml")
+    points = pd.read_csv(ROOT / "results/quickstart/points.csv")
     runs = SweepRuns(spec.name, sqlite_uri, description=spec.description)
     for p in pipeline.plan(spec):
-        register(runs, p)
-    runs.log_summary(floorless_law())
+        run_id, _ = register(runs, p)
+        curve = points[points.trial_id == p.trial_id]  # the same ids where this Python's stdlib hashes the same
+        runs.client.log_batch(run_id, metrics=[Metric(names.VAL_LOSS, float(r.loss), 0, int(r.tokens))
+                                               for r in curve.itertuples()])
+        set_status(runs.client, run_id, names.FINISHED)
+    runs.log_summary(lawfile.read(ROOT / "results/quickstart/law.json"))
     runs.sweep_ended(names.FINISHED)
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "runners.cli", "ui", "--uri", sqlite_uri, "--port", str(port)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_until_up(f"http://127.0.0.1:{port}")
-        png = tmp_path / "runs.png"
-        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={png}",
-                        "--window-size=1400,800", "--virtual-time-budget=15000",
+        png = Path(os.environ.get("SCALING_SCREENSHOT") or tmp_path / "runs.png").resolve()
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        f"--screenshot={png}", "--window-size=1600,900", "--virtual-time-budget=20000",
                         f"http://127.0.0.1:{port}/#/experiments/{runs.experiment_id}/runs"],
-                       check=True, capture_output=True, timeout=120)
-        assert png.stat().st_size > 10_000
+                       check=True, capture_output=True, timeout=180)
+        assert png.stat().st_size > 20_000
     finally:
         stop(ui)
