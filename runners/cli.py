@@ -50,7 +50,7 @@ def cmd_export(args) -> int:
     from runners.tracking.runs import SweepRuns
 
     spec = _spec(args)
-    pipeline.export(spec, SweepRuns(spec.name))
+    pipeline.export(spec, SweepRuns(spec.name, description=spec.description))
     return 0
 
 

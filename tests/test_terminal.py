@@ -20,7 +20,9 @@ from runners.planview import plan_view
 from runners.scheduling.progress import SweepProgress
 from sweeps.spec import load_spec
 from tests.conftest import free_port, wait_until_up
-from tests.helpers import tiny_spec
+from runners.tracking import names
+from runners.tracking.runs import SweepRuns
+from tests.helpers import start_driver, tiny_spec, trial_runs, wait_for
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -99,3 +101,29 @@ def test_sigterm_to_scaling_ui_stops_its_server(tmp_path):
     finally:
         if ui.poll() is None:
             os.killpg(ui.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_sigterm_to_scaling_run_stops_its_trials_and_its_ray(tmp_path, sqlite_uri):
+    """SIGTERM to the driver alone: trials are stopped and marked killed as on Ctrl-C, the sweep's run ends
+    KILLED, and nothing of the local Ray it started is left in its session."""
+    spec = tiny_spec(tmp_path, name="term", grid={"sizes": [3000, 12000], "tokens": [2_000_000]})
+    driver = start_driver(spec, sqlite_uri, "--no-fit")
+    try:
+        wait_for(lambda: any(r.data.tags.get(names.TAG_STATUS) == names.RUNNING
+                             for r in trial_runs("term", sqlite_uri).values()), 300)
+        driver.send_signal(signal.SIGTERM)
+        out, _ = driver.communicate(timeout=120)
+        assert driver.returncode == 130, out
+        runs = SweepRuns("term", sqlite_uri)
+        assert runs.client.get_run(runs.parent_id).info.status == "KILLED"
+        assert names.RUNNING not in {r.data.tags.get(names.TAG_STATUS) for r in runs.runs(names.ROLE_TRIAL).values()}
+        left = lambda: subprocess.run(["pgrep", "-s", str(driver.pid)], capture_output=True, text=True).stdout.split()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and left():
+            time.sleep(1)
+        assert not left(), subprocess.run(["ps", "-o", "pid,args", "-s", str(driver.pid)], capture_output=True,
+                                          text=True).stdout
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
