@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,16 +72,22 @@ def connect(address: str | None) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray on loopback. True if we started it."""
     if ray.is_initialized():
         return False
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+    if address or os.environ.get("RAY_ADDRESS"):
+        _init(address=address or None)
         return False
     os.environ.setdefault(NOSET_CUDA, "1")  # inherited by the Ray we start: workers may be kept across trials
-    level = logging.getLevelName(os.environ.get("SCALING_RAY_LOG_LEVEL", "INFO"))  # runners.cli quiets it
-    ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1", logging_level=level)
+    _init(include_dashboard=False, _node_ip_address="127.0.0.1")
     return True
+
+
+def _init(**options) -> None:
+    """ray.init, quiet unless asked (runners.cli sets SCALING_RAY_LOG_LEVEL), keeping the driver's SIGTERM
+    handler: Ray's own aborts the driver, leaving its trials running and the Ray it started behind."""
+    term = signal.getsignal(signal.SIGTERM)
+    level = logging.getLevelName(os.environ.get("SCALING_RAY_LOG_LEVEL", "INFO"))
+    ray.init(log_to_driver=False, logging_level=level, **options)
+    if callable(term) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, term)
 
 
 def reuses_workers(cluster_has_gpus: bool) -> bool:
