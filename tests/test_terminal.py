@@ -110,8 +110,9 @@ def test_sigterm_to_scaling_run_stops_its_trials_and_its_ray(tmp_path, sqlite_ur
     spec = tiny_spec(tmp_path, name="term", grid={"sizes": [3000, 12000], "tokens": [2_000_000]})
     driver = start_driver(spec, sqlite_uri, "--no-fit")
     try:
-        wait_for(lambda: any(r.data.tags.get(names.TAG_STATUS) == names.RUNNING
-                             for r in trial_runs("term", sqlite_uri).values()), 300)
+        wait_for(lambda: driver.poll() is not None or any(r.data.tags.get(names.TAG_STATUS) == names.RUNNING
+                                                          for r in trial_runs("term", sqlite_uri).values()), 300)
+        assert driver.poll() is None, driver.communicate()[0]
         driver.send_signal(signal.SIGTERM)
         out, _ = driver.communicate(timeout=120)
         assert driver.returncode == 130, out
