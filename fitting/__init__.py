@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from fitting.errors import FitInputError
@@ -17,7 +18,17 @@ def fit_law(points: pd.DataFrame, law: str, **options) -> dict:
 
     Options: bootstrap, seed, resample ('points' | 'trials'); parametric laws also delta (Huber),
     x and offset (power), holdout_above, grid; data_constrained also fit ('joint' | 'two-stage'), delta, grid.
+    A numerical failure inside a fitter is a FitInputError (one line).
     """
+    try:
+        return _fit_law(points, law, **options)
+    except (ArithmeticError, np.linalg.LinAlgError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise FitInputError(f"the {law} fit failed numerically ({type(e).__name__}: {first}); check the table's "
+                            f"values, or fit a law with fewer coefficients") from None
+
+
+def _fit_law(points: pd.DataFrame, law: str, **options) -> dict:
     if law in ("chinchilla", "kaplan", "moe", "power"):
         from fitting.parametric import fit_parametric
 

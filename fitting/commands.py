@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from fitting import LAWS, fit_law, lawfile
@@ -73,8 +74,8 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _check_positive(name: str, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise FitInputError(f"{name} {value:g} must be positive")
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise FitInputError(f"{name} {value:g} must be positive and finite")
 
 
 def cmd_fit(args) -> int:
@@ -112,14 +113,19 @@ def _fmt(value, ci=None) -> str:
     return text + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "")
 
 
+def _coefficient(section: dict, k: str, value: float, ci) -> str:
+    """`k = value [low, high]`, or `k not identified (why)` (fitting/identify.py)."""
+    why = section.get("not_identified", {}).get(k)
+    return f"{k} not identified ({why})" if why else f"{k} = {_fmt(value, ci)}"
+
+
 def _print_fit(doc: dict, paths: list[Path]) -> None:
     for name, section in doc["laws"].items():
-        coefs = ", ".join(f"{k} = {_fmt(v, section['ci'].get(k))}" for k, v in section["params"].items())
+        coefs = ", ".join(_coefficient(section, k, v, section["ci"].get(k)) for k, v in section["params"].items())
         print(f"{name}: {coefs}  ({section['n_points']} points)")
-        for coefficient, why in section.get("not_identified", {}).items():
-            print(f"  {coefficient} not identified: {why}")
         if section.get("derived"):
-            print("  " + ", ".join(f"{k} = {_fmt(v, section['derived_ci'].get(k))}" for k, v in section["derived"].items()))
+            print("  " + ", ".join(_coefficient(section, k, v, section["derived_ci"].get(k))
+                                   for k, v in section["derived"].items()))
         if "extrapolation" in section:
             x = section["extrapolation"]
             print(f"  held out {x['n_held_out']} points above C = {x['holdout_above']:.3g} ({x['factor']:.3g}x): "
@@ -153,6 +159,7 @@ def cmd_predict(args) -> int:
             loss = float(law.loss(args.N, args.D, args.E))
             print(f"loss(N={args.N:.4g}, D={args.D:.4g}, E={args.E:g}) = "
                   f"{_fmt(loss, law.loss_interval(args.N, args.D, args.E))} nats/token")
+            _print_reach(*law.reach(N=args.N, D=args.D))
         _print_hparams(law, args.N, args.D, law.k * args.N * args.D)
         return 0
     compute = args.compute
@@ -171,6 +178,7 @@ def cmd_predict(args) -> int:
         print(f"  {label:<18} {_fmt(opt[key], opt[key + '_ci'])}")
     if opt["loss"] is not None:  # the bootstrap sees noise only; the total adds the backtest's extrapolation error
         print(f"  {'loss, total':<18} {_fmt(opt['loss'], opt['loss_ci_total'])}  ({opt['loss_ci_total_method']})")
+    _print_reach(opt["reach"], opt["warnings"])
     _print_hparams(law, opt["N_opt"], opt["D_opt"], compute)
     return 0
 
@@ -257,6 +265,15 @@ def _print_inference(law, args) -> int:
     if opt["replicates_unreachable"]:
         print(f"  ({opt['replicates_unreachable']} bootstrap replicates cannot reach this loss: left out of the intervals)")
     return 0
+
+
+def _print_reach(factors: dict, warnings: list[str]) -> None:
+    """How far beyond the fitted data the numbers above are, and what to doubt about them."""
+    known = {k: f for k, f in factors.items() if f is not None}
+    if known:
+        print("  beyond the data:  " + ", ".join(f"{k} {f:.3g}x the largest fitted" for k, f in known.items()))
+    for line in warnings:
+        print(f"  warning: {line}")
 
 
 def _print_hparams(law, N: float, D: float, C: float) -> None:

@@ -48,14 +48,16 @@ def multipliers(base: Law, variant: Law, computes, *, E_base: float = 1, E_varia
         spread = (_optima(C, {k: x[:n] for k, x in b_reps.items()}, base.k, {k: x[:n] for k, x in v_reps.items()},
                           variant.k) if n else None)
         row = {"compute": float(C), "variant_loss": point["variant_loss"], "baseline_compute": point["baseline_compute"],
-               "multiplier": point["multiplier"], "multiplier_ci": interval(spread["multiplier"]) if n else None,
+               "multiplier": point["multiplier"], "multiplier_ci": interval(spread["multiplier"], estimate=point["multiplier"]) if n else None,
                "replicates_paired": n,
                "note": None if np.isfinite(point["multiplier"]) else "the baseline never reaches the variant's loss "
                                                                     "(below its irreducible loss): not identified"}
         if total_per_active is not None:
             row |= {"total_per_active": float(total_per_active),
                     "total_params_ratio": total_per_active * point["active_params_ratio"],
-                    "total_params_ratio_ci": interval(total_per_active * spread["active_params_ratio"]) if n else None}
+                    "total_params_ratio_ci": (interval(total_per_active * spread["active_params_ratio"],
+                                                       estimate=total_per_active * point["active_params_ratio"])
+                                              if n else None)}
         rows.append(row)
     return rows
 

@@ -44,9 +44,9 @@ def _isoflop(rows: pd.DataFrame, top: float, bootstrap: int, seed: int) -> dict:
         k_n, a, k_d, b = (np.asarray(q[key], float) for key in ("k_N", "a", "k_D", "b"))
         return k_d / k_n * top ** (b - a)
 
-    return {"a": section["params"]["a"], "a_ci": section["ci"]["a"], "C": top,
-            "tokens_per_param": float(tokens_per_param(section["params"])),
-            "tokens_per_param_ci": interval(tokens_per_param(samples)) if samples.get("a") else None}
+    at_top = float(tokens_per_param(section["params"]))
+    return {"a": section["params"]["a"], "a_ci": section["ci"]["a"], "C": top, "tokens_per_param": at_top,
+            "tokens_per_param_ci": interval(tokens_per_param(samples), estimate=at_top) if samples.get("a") else None}
 
 
 def _chinchilla(rows: pd.DataFrame, section: dict, top: float) -> dict:
@@ -58,9 +58,10 @@ def _chinchilla(rows: pd.DataFrame, section: dict, top: float) -> dict:
                                        flops_per_param_token=k)
 
     point, spread = figures(section["params"]), figures(samples) if samples else None
-    return {"a": float(point["a"]), "a_ci": interval(spread["a"]) if spread else None, "C": top,
+    return {"a": float(point["a"]), "a_ci": interval(spread["a"], estimate=float(point["a"])) if spread else None, "C": top,
             "tokens_per_param": float(point["tokens_per_param"]),
-            "tokens_per_param_ci": interval(spread["tokens_per_param"]) if spread else None}
+            "tokens_per_param_ci": (interval(spread["tokens_per_param"], estimate=float(point["tokens_per_param"]))
+                                    if spread else None)}
 
 
 def sensitivity(points: pd.DataFrame, *, bootstrap: int, seed: int = 0) -> dict | None:

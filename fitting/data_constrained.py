@@ -166,7 +166,7 @@ def fit_data_constrained(points: pd.DataFrame, *, fit: str = "joint", delta: flo
     }
     if boot is not None:
         section["bootstrap"] = boot
-        section["ci"] = intervals({k: np.array(v) for k, v in boot["samples"].items()})
+        section["ci"] = intervals({k: np.array(v) for k, v in boot["samples"].items()}, estimates=params)
         for name in section["not_identified"]:
             section["ci"][name] = None  # the replicates only echo their start: no interval to give
     return section

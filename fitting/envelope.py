@@ -89,7 +89,8 @@ def fit_envelope(points: pd.DataFrame, *, bootstrap: int = 0, seed: int = 0, res
     }
     if bootstrap:
         section["bootstrap"] = _bootstrap(curves, grid_size, bootstrap, seed, resample)
-        section["ci"] = intervals({k: np.array(v) for k, v in section["bootstrap"]["samples"].items()})
+        section["ci"] = intervals({k: np.array(v) for k, v in section["bootstrap"]["samples"].items()},
+                                 estimates=section["params"])
     return section
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 from rich.table import Table
 
-from fitting import compare, conventions as convention_sensitivity, lawfile
+from fitting import compare, conventions as convention_sensitivity, lawfile, report
 from fitting.errors import FitInputError
 from fitting.isoflop import budgets_of
 from fitting.table import flops_per_param_token, is_final, parametric_rows
@@ -54,15 +54,6 @@ def best_per_cell(points: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([points[~final], best]).sort_index()
 
 
-def _identifiable(points: pd.DataFrame) -> None:
-    """A surface in N and D needs several of each among the final points, or its exponents are not determined."""
-    final = points[is_final(points)] if "final" in points.columns else points
-    n, d = final["N"].nunique(), final["D"].nunique()
-    if n < 3 or d < 3:
-        raise FitInputError(f"a loss law in N and D needs at least 3 model sizes and 3 token counts among the final "
-                            f"points; this sweep has {n} and {d} (a search or a single budget is not a scaling sweep)")
-
-
 def _physical(law: str, params: dict) -> None:
     """A surface whose loss does not fall with N and with D, or whose coefficients ran off to infinity, is the
     optimiser's answer to points that do not separate N from D (or to mistuned trials), not a scaling law:
@@ -84,8 +75,7 @@ def _repeats_data(points: pd.DataFrame) -> bool:
 
 
 def fit_surface(rows: pd.DataFrame, law: str, **options) -> dict:
-    """A loss law in N and D, fitted only where the points can determine one and kept only if it is physical."""
-    _identifiable(rows)
+    """A loss law in N and D (the fitter refuses points that cannot determine one), kept only if it is physical."""
     section = _fit(law, rows, options)
     _physical(law, section["params"])
     return section
@@ -166,9 +156,9 @@ class ExportSummary:
             values = {**section["params"], **section.get("derived", {})}
             cis = {**section["ci"], **section.get("derived_ci", {})}
             for k, v in values.items():
-                ci = cis.get(k)
-                unknown = k in section.get("not_identified", {})
-                table.add_row(name, k, f"{v:.4g}", "not identified" if unknown else f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "-")
+                ci, why = cis.get(k), section.get("not_identified", {}).get(k)
+                table.add_row(name, k, "not identified" if why else f"{v:.4g}",
+                              why or (f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "-"))
         for name, section in (self.doc.get("hparams") or {}).items():
             if isinstance(section, dict) and "form" in section:  # the fitted hparams laws, e.g. lr = k * C**a
                 for k, v in section.items():
@@ -179,10 +169,16 @@ class ExportSummary:
         law = lawfile.Law(self.doc)
         if any(n in self.doc["laws"] for n in ("chinchilla", "moe", "isoflop", "envelope")):
             for c in _reference_computes(self.doc):
-                opt = law.optimal(c)
+                try:
+                    opt = law.optimal(c)
+                except FitInputError as e:  # a law that cannot give an allocation says why, once
+                    console.print(f"no optimal allocation: {e}")
+                    break
+                reach = opt["reach"].get("C")
                 console.print(f"C = {c:.3g}: N_opt {opt['N_opt']:.3g}, D_opt {opt['D_opt']:.3g}, "
                               f"{opt['tokens_per_param']:.3g} tokens/param"
-                              + (f", loss {opt['loss']:.4g}" if opt["loss"] is not None else ""))
+                              + (f", loss {opt['loss']:.4g}" if opt["loss"] is not None else "")
+                              + (f" ({reach:.3g}x the largest fitted C)" if reach and reach > 1.01 else ""))
         for name, section in self.doc["laws"].items():
             x = section.get("extrapolation")
             if x:
@@ -281,16 +277,17 @@ def _reference_computes(doc: dict) -> list[float]:
 
 
 def law_rows(doc: dict) -> pd.DataFrame:
-    """The law file flattened: one row per law and coefficient (derived figures included)."""
+    """The law file flattened: one row per law and coefficient (derived figures included); a coefficient the
+    data do not identify has no value and says why in `not_identified`."""
     rows = []
     for name, section in doc["laws"].items():
         values = {**section["params"], **section.get("derived", {})}
         cis = {**section["ci"], **section.get("derived_ci", {})}
         for k, v in values.items():
-            ci = cis.get(k) or [None, None]
-            rows.append({"law": name, "coefficient": k, "value": v, "low": ci[0], "high": ci[1],
-                         "n_points": section["n_points"]})
-    return pd.DataFrame(rows, columns=["law", "coefficient", "value", "low", "high", "n_points"])
+            ci, why = cis.get(k) or [None, None], section.get("not_identified", {}).get(k)
+            rows.append({"law": name, "coefficient": k, "value": None if why else v, "low": ci[0], "high": ci[1],
+                         "n_points": section["n_points"], "not_identified": why})
+    return pd.DataFrame(rows, columns=["law", "coefficient", "value", "low", "high", "n_points", "not_identified"])
 
 
 def _without_samples(doc: dict) -> dict:
@@ -332,6 +329,7 @@ def export_laws(points: pd.DataFrame, out_dir: Path, *, meta: dict, bootstrap: i
     if sensitivity is not None:
         paths.append(out_dir / "conventions.csv")
         convention_sensitivity.table(sensitivity).to_csv(paths[-1], index=False)
+    report.update(out_dir / "README.md", doc)  # the README's quoted numbers follow the law they quote
     drawn, plots_failed = plots.plot_all(doc, points, out_dir)
     _, left_out = parametric_rows(points)
     return ExportSummary(doc=doc, paths=paths + drawn, failed=fitted.failed | plots_failed, left_out=left_out)

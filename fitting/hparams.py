@@ -88,7 +88,7 @@ def _usable_runs(points: pd.DataFrame) -> pd.DataFrame:
         raise FitInputError("points table has no lr or batch_size column: the hparams laws need runs at several "
                             "learning rates or batch sizes per scale")
     runs, _ = parametric_rows(points)
-    runs = check(check(runs).dropna(subset=knobs), tuple(knobs))
+    runs = check(check(runs).dropna(subset=knobs), tuple(knobs) + (("C",) if _has_C(runs) else ()))
     if runs.empty:
         raise FitInputError("points table has no finished final run with lr or batch_size: nothing to fit")
     return runs

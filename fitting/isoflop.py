@@ -174,12 +174,14 @@ def fit_isoflop(points: pd.DataFrame, *, bootstrap: int = 0, seed: int = 0, resa
                         if akima else {"not_fitted": f"fewer than {MIN_BUDGETS} budgets with an interior Akima minimum"})
     if bootstrap:
         section["bootstrap"], akima_samples = _bootstrap(rows, budget, k, bootstrap, seed, resample)
-        section["ci"] = intervals({key: np.array(v) for key, v in section["bootstrap"]["samples"].items()})
+        section["ci"] = intervals({key: np.array(v) for key, v in section["bootstrap"]["samples"].items()},
+                                 estimates=section["params"])
         if akima:
             paired = np.array(akima_samples["a_parabola_minus_akima"])
-            section["akima"]["ci"] = intervals({key: np.array(akima_samples[key]) for key in akima})
+            section["akima"]["ci"] = intervals({key: np.array(akima_samples[key]) for key in akima}, estimates=akima)
             section["akima"]["a_parabola_minus_akima"] = params["a"] - akima["a"]
-            section["akima"]["a_parabola_minus_akima_ci"] = intervals({"d": paired})["d"]
+            section["akima"]["a_parabola_minus_akima_ci"] = intervals(
+                {"d": paired}, estimates={"d": section["akima"]["a_parabola_minus_akima"]})["d"]
     return section
 
 

@@ -29,8 +29,18 @@
   "failed": {name: why that law (or "<law> extrapolation", its backtest) could not be fitted}
 }
 
-Law.optimal(C[, unique_tokens=U]) returns N_opt, D_opt, loss, tokens_per_param, each with a bootstrap interval (<key>_ci), the
-law it used, and loss_ci_total: loss_ci widened on each side in quadrature by systematic_rel * loss, where
+A parametric section also holds "not_identified" ({coefficient: why the data do not pin it down; it has no
+interval}) and "data_range" (N, D, C as [min, max] over the fitted points, E, budgets) (fitting/identify.py).
+Intervals are bootstrap percentile intervals stretched to include the estimate (fitting/bootstrap.py).
+
+Law.reach(N=, D=, C=) says how far a prediction goes beyond the fitted data (factor over the largest fitted
+value) and warns past EXTRAPOLATION_WARN, and about coefficients the data did not identify; Law.optimal refuses
+what a law cannot give (an allocation from one budget or from exponents not identified, a moe law at an expert
+count it has no gamma for).
+
+Law.optimal(C[, unique_tokens=U]) returns N_opt, D_opt, loss, tokens_per_param, each with a bootstrap interval
+(<key>_ci), the law it used, `reach` and `warnings` (Law.reach), and loss_ci_total: loss_ci widened on each side
+in quadrature by systematic_rel * loss, where
 systematic_rel = rms_relative_error of that law's backtest x max(1, ln(C / largest C fitted) / ln(factor));
 loss_ci_total_method says how, or why there is no total interval (None).
 Law.optimal(C, inference_tokens=T) and Law.inference_optimal(L, T) give the inference-aware optimum instead
@@ -51,6 +61,7 @@ from fitting.bootstrap import interval
 from fitting.errors import FitInputError
 
 SCHEMA_VERSION = 1
+EXTRAPOLATION_WARN = 10.0  # a prediction more than this many times beyond the largest fitted C, N or D is flagged
 LOSS_UNITS = "validation cross-entropy, nats per token"
 
 
@@ -134,13 +145,35 @@ class Law:
 
     def loss(self, N, D, E=1):
         name, section = self._surface()
+        _refuse_experts(name, section, E)
         return laws.surface_loss(name, section["params"], N, D, E)
+
+    def reach(self, *, N=None, D=None, C=None) -> tuple[dict, list[str]]:
+        """How far (N, D, C) lie beyond the fitted data: {variable: value / largest fitted value} (None where the
+        file does not say), and warnings: far extrapolation, and coefficients of the law the data do not identify."""
+        name = next((n for n in (*laws.SURFACES, "isoflop", "envelope") if n in self.laws), None)
+        section = self.laws.get(name, {})
+        top = dict(section.get("data_range", {}))
+        top.setdefault("C", [None, self.doc.get("meta", {}).get("max_C")])
+        factors, warnings = {}, []
+        for key, value in (("C", C), ("N", N), ("D", D)):
+            if value is None:
+                continue
+            largest = (top.get(key) or [None, None])[1]
+            factors[key] = None if not largest else float(value) / largest
+            if factors[key] is not None and factors[key] > EXTRAPOLATION_WARN:
+                warnings.append(f"{key} = {value:.3g} is {factors[key]:.3g}x the largest fitted ({largest:.3g}): far "
+                                f"extrapolation; the interval covers the fit's noise, not a change of regime")
+        for k, why in section.get("not_identified", {}).items():
+            warnings.append(f"{name} {k} is not identified: {why}")
+        return factors, warnings
 
     def loss_interval(self, N, D, E=1) -> list[float] | None:
         """95% interval of the predicted loss at one (N, D, E) over the bootstrap replicates."""
         name, section = self._surface()
         samples = self._samples(section)
-        return interval(laws.surface_loss(name, samples, N, D, E)) if samples else None
+        return (interval(laws.surface_loss(name, samples, N, D, E), estimate=float(self.loss(N, D, E)))
+                if samples else None)
 
     def _dense_law(self, E) -> str | None:
         """The section that gives chinchilla coefficients at E experts: moe when fitted (any E), else chinchilla (E 1)."""
@@ -152,6 +185,7 @@ class Law:
         if name is None:
             return None
         section = self.laws[name]
+        _refuse_experts(name, section, E)
         samples = self._samples(section)
         reps = None if samples is None else laws.as_dense(name, samples, E)
         return laws.as_dense(name, section["params"], E), reps
@@ -174,6 +208,7 @@ class Law:
         dense = self.chinchilla_coefficients(E)
         if dense is not None:
             name = self._dense_law(E)
+            _refuse_allocation(name, self.laws[name])
             point, reps = dense
             out = {k: float(v) for k, v in laws.optimal_allocation(C, **point, flops_per_param_token=self.k).items()}
             spread = laws.optimal_allocation(C, **reps, flops_per_param_token=self.k) if reps else None
@@ -188,11 +223,14 @@ class Law:
         keys = ("N_opt", "D_opt", "loss", "tokens_per_param")
         result = {"law": name} | {k: out.get(k) for k in keys}
         for k in keys:
-            result[f"{k}_ci"] = interval(spread[k]) if spread is not None and spread.get(k) is not None else None
+            result[f"{k}_ci"] = (interval(spread[k], estimate=result[k])
+                                 if spread is not None and spread.get(k) is not None else None)
         s, method = (systematic(name, self.laws[name], C) if result["loss"] is not None
                      else (None, f"the {name} law gives no loss"))
         total = None if s is None else widened(result["loss"], result["loss_ci"], s)
-        return result | {"loss_ci_total": total, "systematic_rel": s, "loss_ci_total_method": method}
+        factors, warnings = self.reach(N=result["N_opt"], D=result["D_opt"], C=C)
+        return result | {"loss_ci_total": total, "systematic_rel": s, "loss_ci_total_method": method,
+                         "reach": factors, "warnings": warnings}
 
     def _optimal_under_data(self, C, E, unique_tokens: float) -> dict:
         from fitting.data_constrained import optimal_under_data
@@ -209,7 +247,7 @@ class Law:
         result = {"law": "data_constrained", "unique_tokens": float(unique_tokens)}
         for k, v in out.items():
             result[k] = v
-            result[f"{k}_ci"] = interval(spread[k]) if spread is not None else None
+            result[f"{k}_ci"] = interval(spread[k], estimate=v) if spread is not None else None
         return result | {"loss_ci_total": None, "systematic_rel": None, "not_identified": section.get("not_identified", {}),
                          "loss_ci_total_method": "the data_constrained law has no extrapolation backtest"}
 
@@ -230,7 +268,7 @@ class Law:
         result = {"law": self._dense_law(E), "loss": float(L), "inference_tokens": float(T),
                   "flops_per_param_token": self.k, "inference_flops_per_param_token": self.k / 3.0}
         for key in inference.KEYS:
-            result[key], result[f"{key}_ci"] = out[key], (interval(spread[key]) if spread else None)
+            result[key], result[f"{key}_ci"] = out[key], (interval(spread[key], estimate=out[key]) if spread else None)
         result["replicates_unreachable"] = int(np.isnan(spread["N_opt"]).sum()) if spread else None
         return result
 
@@ -238,7 +276,27 @@ class Law:
         dense = self.chinchilla_coefficients(E)
         if dense is None:
             raise FitInputError("the law file has no chinchilla or moe law to invert; fit --law chinchilla")
+        _refuse_allocation(self._dense_law(E), self.laws[self._dense_law(E)])
         return laws.compute_for_loss(L, **dense[0], flops_per_param_token=self.k)
+
+
+def _refuse_allocation(name: str, section: dict) -> None:
+    """An optimal allocation needs both exponents identified and more than one compute budget."""
+    missing = section.get("not_identified", {})
+    for k in ("alpha", "beta"):
+        if k in missing:
+            raise FitInputError(f"the {name} law's {k} is not identified ({missing[k]}); it gives no optimal allocation")
+    if section.get("data_range", {}).get("budgets") == 1:
+        raise FitInputError(f"the {name} law was fitted on a single compute budget; it cannot say how the optimum "
+                            f"moves with compute (sweep 3 or more budgets)")
+
+
+def _refuse_experts(name: str, section: dict, E) -> None:
+    """A moe law whose gamma the data did not identify speaks only for the expert counts it was fitted on."""
+    seen = section.get("data_range", {}).get("E", [])
+    if name == "moe" and "gamma" in section.get("not_identified", {}) and not np.isin(np.asarray(E, float), seen).all():
+        raise FitInputError(f"the moe law's gamma is not identified ({section['not_identified']['gamma']}); "
+                            f"it gives nothing at E = {np.unique(E)[0]:g}")
 
 
 def systematic(name: str, section: dict, C: float) -> tuple[float | None, str]:

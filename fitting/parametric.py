@@ -19,8 +19,9 @@ import pandas as pd
 import torch
 
 from fitting import laws
-from fitting.bootstrap import interval, intervals, replicate_weights
+from fitting.bootstrap import INTERVAL_METHOD, interval, intervals, replicate_weights
 from fitting.errors import FitInputError
+from fitting.identify import data_range, derived_not_identified, not_identified, require_separable, require_spread
 from fitting.table import check, data_hash, flops_per_param_token, groups, parametric_rows
 
 torch_dtype = torch.float64
@@ -289,6 +290,10 @@ def fit_parametric(points: pd.DataFrame, law: str = "chinchilla", *, delta: floa
         if held.empty:
             raise FitInputError(f"--holdout-above {holdout_above:g} leaves no point above it; the largest C is "
                                 f"{used['C'].max():.3g}")
+    if law == "power":
+        require_spread(used, x, law)
+    else:
+        require_separable(used, law)
     if len(used) < MIN_POINTS[name]:
         raise FitInputError(f"law {law} needs at least {MIN_POINTS[name]} points, the table has {len(used)} usable"
                             + (f" (left out: {_describe(left_out)})" if left_out else ""))
@@ -322,16 +327,25 @@ def fit_parametric(points: pd.DataFrame, law: str = "chinchilla", *, delta: floa
                         "starts": len(starts), "starts_converged": int(full.converged.sum()),
                         "iterations": full.iterations + polished.iterations},
     }
+    section["data_range"] = data_range(used)
     if law == "power":
         section["method"]["options"].update(x=x, offset=offset)
     if law in ("chinchilla", "moe"):
         section["flops_per_param_token"] = flops_per_param_token(used)
     if bootstrap:
         section["bootstrap"] = _bootstrap(form, logs, log_loss, delta, full, groups(used, resample), bootstrap, seed)
-        section["ci"] = intervals({k: np.array(v) for k, v in section["bootstrap"]["samples"].items()})
+        section["ci"] = intervals({k: np.array(v) for k, v in section["bootstrap"]["samples"].items()},
+                                 estimates=section["params"])
+        section["bootstrap"]["interval"] = INTERVAL_METHOD
+    section["not_identified"] = not_identified(params, section["ci"], used, section["diagnostics"]["r2"])
+    if name == "power_no_offset":  # E is fixed at 0 there, not fitted
+        section["not_identified"].pop("E", None)
     if law in ("chinchilla", "moe"):
         experts = np.unique(used["E"].to_numpy(float)) if law == "moe" else np.array([])
         section["derived"], section["derived_ci"] = _derived(section, experts[experts > 1])
+        section["not_identified"] |= derived_not_identified(section["not_identified"], section["derived"])
+    for k in section["not_identified"]:  # no interval for a number the data do not pin down
+        section.get("derived_ci" if k in section.get("derived", {}) else "ci", {})[k] = None
     if held is not None:
         section["extrapolation"] = extrapolation(section, held, holdout_above, used)
     return section
@@ -350,7 +364,7 @@ def _derived(section: dict, experts: np.ndarray) -> tuple[dict, dict]:
         return out
     point = {k: float(v) for k, v in figures(section["params"]).items()}
     samples = section.get("bootstrap", {}).get("samples")
-    return point, (intervals(figures(samples)) if samples else {k: None for k in point})
+    return point, (intervals(figures(samples), estimates=point) if samples else {k: None for k in point})
 
 
 def extrapolation(section: dict, held: pd.DataFrame, above: float, fitted: pd.DataFrame) -> dict:
@@ -366,7 +380,7 @@ def extrapolation(section: dict, held: pd.DataFrame, above: float, fitted: pd.Da
               if samples else None)
     rows = []
     for i, actual in enumerate(held["loss"].to_numpy(float)):
-        band = interval(spread[:, i]) if spread is not None else None
+        band = interval(spread[:, i], estimate=predicted[i]) if spread is not None else None
         rows.append({"N": float(N[i]), "D": float(D[i]), "C": float(held["C"].iloc[i]), "loss": float(actual),
                      "predicted": float(predicted[i]), "interval": band,
                      "relative_error": float(predicted[i] / actual - 1),

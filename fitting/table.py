@@ -29,19 +29,30 @@ def load_points(path: str | Path) -> pd.DataFrame:
 
 
 def check(points: pd.DataFrame, columns: tuple[str, ...] = REQUIRED) -> pd.DataFrame:
-    """The table if `columns` exist, are numeric, finite and positive; else FitInputError naming the column."""
+    """The table if `columns` exist, are numeric, finite and positive; else FitInputError naming the column and
+    the row as the file counts it (the table keeps the index it was read with, however it was filtered)."""
     missing = [c for c in columns if c not in points.columns]
     if missing:
         raise FitInputError(f"points table has no column {missing[0]!r}; it needs {', '.join(columns)}")
     for c in columns:
         values = pd.to_numeric(points[c], errors="coerce")
         if values.isna().any():
-            row = int(np.flatnonzero(values.isna().to_numpy())[0])
-            raise FitInputError(f"column {c!r} has a missing or non-numeric value in row {row}; drop or fix that row")
-        if not np.isfinite(values).all() or (values <= 0).any():
-            row = int(np.flatnonzero(~(np.isfinite(values) & (values > 0)).to_numpy())[0])
-            raise FitInputError(f"column {c!r} must be finite and positive; row {row} has {values.iloc[row]!r}")
+            label = values.index[values.isna().to_numpy()][0]
+            raise FitInputError(f"column {c!r} has a missing or non-numeric value ({points[c].loc[label]}) in "
+                                f"{_row(points, label)}; drop or fix that row")
+        bad = ~(np.isfinite(values) & (values > 0))
+        if bad.any():
+            label = values.index[bad.to_numpy()][0]
+            raise FitInputError(f"column {c!r} must be finite and positive; {_row(points, label)} has "
+                                f"{float(values.loc[label]):g}")
     return points
+
+
+def _row(points: pd.DataFrame, label) -> str:
+    """A row as the user finds it in the file: data row k (the header is line 1 of a CSV, so line k + 1)."""
+    if isinstance(label, (int, np.integer)):
+        return f"data row {int(label) + 1} (line {int(label) + 2} of a CSV)"
+    return f"row {label}"
 
 
 def with_conventions(points: pd.DataFrame, *, params: str | None = None, flops: str | None = None) -> pd.DataFrame:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,7 @@ def cmd_export(args) -> int:
 
     spec = _spec(args)
     refuse_if_lost(spec)
-    pipeline.export(spec, SweepRuns(spec.name))
+    pipeline.export(spec, SweepRuns(spec.name, description=spec.description))
     return 0
 
 
@@ -93,10 +94,21 @@ def cmd_ui(args) -> int:
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    # its own process group: the server's workers are its children, and stopping the UI stops them all
+    server = subprocess.Popen(cmd, env=env, start_new_session=True,
+                              stdout=None if args.verbose else subprocess.DEVNULL, stderr=None if args.verbose else subprocess.DEVNULL)
     try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
+        code = server.wait()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main)
         return 0
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+    if code and not args.verbose:
+        print(f"error: the MLflow server exited with code {code}; run `scaling ui --verbose` to see why",
+              file=sys.stderr)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-fit", action="store_true", help="train only; export later with `scaling export`")
     p.add_argument("--cache-dir", type=Path, default=None, help="token cache (default: $SCALING_CACHE or ~/.cache/scaling-harness)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own start-up logs")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("export", help="collect the sweep's points from MLflow, fit, and write results/<sweep>/")
@@ -135,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uri", default=None, help="tracking store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--verbose", action="store_true", help="show the server's own log")
     p.set_defaults(func=cmd_ui)
 
     add_fit_parser(sub)
@@ -143,8 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):  # MLflow's and Ray's start-up lines, here and in the workers
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("SCALING_RAY_LOG_LEVEL", "ERROR")
+    # SIGTERM stops what this command started (Ray, trials, an MLflow server) the way Ctrl-C does
+    before = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
     except _user_errors() as e:
@@ -153,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # outside the trials (which stop themselves): planning, collecting or fitting
         print("interrupted: finished trials are kept in MLflow; run the same command to go on", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ import pandas as pd
 import ray
 import yaml
 from rich.console import Console
-from rich.table import Table
 
 from fitting.errors import FitInputError
 from runners.tracking import names
 from runners.tracking.collect import collect_points
 from runners.tracking.results import publish
+from runners.tracking.labels import trial_run_name
+from runners.planview import plan_view
 from runners.data.store import content_hash, prepare_data, vocab_size_of
 from runners.job import refuse_if_lost
 from runners.scheduling.search import GridSource, SearchSource
@@ -97,7 +98,7 @@ def plan_table(spec: SweepSpec, planned: list[PlannedTrial]) -> pd.DataFrame:
     for p in planned:
         m, t = p.trial.model, p.trial.train
         rows.append({
-            "trial_id": p.trial_id, "family": m.family, "E": m.n_experts,
+            "trial_id": p.trial_id, "name": trial_run_name(p), "family": m.family, "E": m.n_experts,
             "N_total": p.params.total, "N_nonembed": p.params.nonembed, "N_active": p.params.active,
             "D": p.D, "budget": p.trial.budget, "flops_6N": p.flops_6N, "flops_exact": p.flops_exact,
             "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
@@ -121,15 +122,8 @@ def print_caveats(spec: SweepSpec, planned: list[PlannedTrial]) -> None:
 
 
 def print_plan(spec: SweepSpec, table: pd.DataFrame) -> None:
-    show = Table(title=f"sweep {spec.name}: {len(table)} trials")
-    cols = ["trial_id", "family", "E", "N_active", "D", "budget", "d_model", "n_layers", "lr", "batch_size", "flops_6N", "est_seconds"]
-    if spec.data.unique_tokens is not None:  # data-constrained sweeps: how often each trial repeats its data
-        cols[5:5] = ["unique_tokens", "epochs"]
-    for c in cols:
-        show.add_column(c, justify="right")
-    for _, r in table.iterrows():
-        show.add_row(*[f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
-    console.print(show)
+    """The plan at the terminal's width (runners/planview.py); `--format csv` has every column."""
+    console.print(plan_view(f"sweep {spec.name}: {len(table)} trials", table, console.width))
     if spec.search is not None:
         console.print(f"search: {spec.search.trials} Optuna trials per row ({spec.search.sampler}, pruner "
                       f"{spec.search.pruner}); estimates count them all")
@@ -157,18 +151,34 @@ def export(spec: SweepSpec, runs: SweepRuns) -> Path:
             "N": spec.fit.params, "C": spec.fit.flops, "loss": "validation nats per token"}
     summary = export_laws(points, out, meta=meta, bootstrap=spec.fit.bootstrap)
     publish(runs, out)
+    runs.log_summary(summary.doc)
     summary.print(console)
     return out
 
 
 def run(spec: SweepSpec, *, address: str | None, fit: bool = True, cache_dir: Path | None = None) -> int:
-    """Plan, run what is not done yet, and export. Exit code: 0 when every trial ended in a done state."""
+    """Plan, run what is not done yet, and export. Exit code: 0 when every trial ended in a done state.
+    The sweep's parent run ends with it: FINISHED (exit 0), KILLED (interrupted) or FAILED."""
     refuse_if_lost(spec)
     trials = source(spec)
     console.print(f"sweep {spec.name}: {trials.total} trials planned")
     if isinstance(trials, GridSource):
         print_caveats(spec, trials.planned)
-    runs = SweepRuns(spec.name)  # creates the store and experiment once, before any worker opens it
+    runs = SweepRuns(spec.name, description=spec.description)  # the store and experiment, before any worker opens it
+    runs.sweep_started()
+    ended = names.FAILED
+    try:
+        code = _run(spec, trials, runs, address=address, fit=fit, cache_dir=cache_dir)
+        ended = {0: names.FINISHED, 130: names.KILLED}.get(code, names.FAILED)
+        return code
+    except KeyboardInterrupt:
+        ended = names.KILLED
+        raise
+    finally:
+        runs.sweep_ended(ended)
+
+
+def _run(spec: SweepSpec, trials, runs: SweepRuns, *, address: str | None, fit: bool, cache_dir: Path | None) -> int:
     data = prepare_data(spec.data, cache_dir)  # tokenize once here, so the trials find the cache and bad data fails early
     for unique in spec.data.unique_tokens or []:  # a budget beyond the split: one line now, not a failed trial each
         data.with_unique_tokens(unique, spec.model.seq_len)

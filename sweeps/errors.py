@@ -46,8 +46,9 @@ def _flatten_annotation(annotation) -> list:
 
 
 def one_line(err: ValidationError, model: type[BaseModel], source: str = "spec") -> SpecError:
-    """Turn pydantic's error list into one line: the first error, with a hint at what is allowed."""
-    first = err.errors()[0]
+    """Turn pydantic's error list into one line: the first error, with a hint at what is allowed. An unknown key
+    comes first: a misspelt required key (`grdi:`) is also reported missing, and the typo is the one to fix."""
+    first = next((e for e in err.errors() if e["type"] == "extra_forbidden"), err.errors()[0])
     loc = tuple(first["loc"])
     where = _path(loc)
     if first["type"] == "extra_forbidden":

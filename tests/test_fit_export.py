@@ -79,13 +79,13 @@ def test_summary_prints_coefficients_allocation_and_left_out_points(exported):
 
 
 def test_a_law_the_table_cannot_support_is_reported_not_raised(tmp_path):
-    points = sweep_points(budgets=(1e19,))  # one budget: no isoflop frontier, no extrapolation
+    points = sweep_points(budgets=(1e19,))  # one budget: no isoflop frontier, and N, D on one line D = C / 6N
     summary = export_laws(points, tmp_path, meta={}, bootstrap=0)
     assert "isoflop" in summary.failed and "at least 2 budgets" in summary.failed["isoflop"]
-    assert "at least 3 budgets" in summary.failed["chinchilla extrapolation"]
-    assert "chinchilla" in summary.doc["laws"] and "chinchilla" not in summary.failed
+    assert "cannot separate N from D" in summary.failed["chinchilla"] and "chinchilla" not in summary.doc["laws"]
+    assert "envelope" in summary.doc["laws"]  # what the curves do support is still fitted
     law = load_law(tmp_path / "law.json")
-    assert law.doc["failed"] == summary.failed and law.loss_interval(1e9, 1e10) is None
+    assert law.doc["failed"] == summary.failed
 
 
 def test_dense_and_moe_together_give_the_moe_law_and_its_efficiency_gain(tmp_path, capsys):

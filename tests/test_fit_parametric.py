@@ -105,10 +105,10 @@ def test_only_finished_final_points_are_fitted():
 
 @pytest.mark.parametrize("change, message", [
     (lambda p: p.drop(columns="loss"), "no column 'loss'"),
-    (lambda p: p.assign(N=p.N.where(p.index != 3)), "column 'N' has a missing or non-numeric value in row 3"),
-    (lambda p: p.assign(D=p.D.where(p.index != 2, -1.0)), "column 'D' must be finite and positive; row 2"),
-    (lambda p: p.assign(loss=p.loss.where(p.index != 0, 0.0)), "column 'loss' must be finite and positive; row 0"),
-    (lambda p: p.head(5), "law chinchilla needs at least 6 points, the table has 5"),
+    (lambda p: p.assign(N=p.N.where(p.index != 3)), "column 'N' has a missing or non-numeric value (nan) in data row 4 (line 5 of a CSV)"),
+    (lambda p: p.assign(D=p.D.where(p.index != 2, -1.0)), "column 'D' must be finite and positive; data row 3 (line 4 of a CSV) has -1"),
+    (lambda p: p.assign(loss=p.loss.where(p.index != 0, 0.0)), "column 'loss' must be finite and positive; data row 1 (line 2 of a CSV) has 0"),
+    (lambda p: p.iloc[::2].head(5), "law chinchilla needs at least 6 points, the table has 5"),
 ])
 def test_bad_input_is_one_line_naming_the_problem(change, message):
     with pytest.raises(FitInputError) as error:

@@ -17,6 +17,7 @@ from runners.tracking.runs import SweepRuns
 from sweeps.spec import load_spec
 from tests.conftest import free_port, stop, wait_until_up
 from tests.helpers import metric_steps, tiny_spec
+from tests.test_ui import check_sweep_in_mlflow
 
 PLAN_COLUMNS = {"trial_id", "family", "N_total", "N_nonembed", "N_active", "D", "flops_6N", "flops_exact"}
 
@@ -66,7 +67,7 @@ def test_spec_typo_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.slow
 def test_run_twice_trains_once_and_exports_the_same_law(tmp_path, sqlite_uri, local_ray):
     spec = tiny_spec(tmp_path, name="e2e", grid={"sizes": [3000, 6000, 12000], "tokens": [20_000, 60_000]},
-                     train={"branches_per_run": 2})  # 3 sizes (a loss law needs 3), 3 final points a trial
+                     train={"branches_per_run": 2}, description="end to end")  # 3 sizes (a loss law needs 3), 3 final points a trial
     assert main(["run", str(spec)]) == 0
     runs = SweepRuns("e2e", sqlite_uri)
     trials = runs.runs(names.ROLE_TRIAL)
@@ -97,6 +98,8 @@ def test_cuda_asked_on_a_cluster_without_gpus_is_one_line_exit_2(tmp_path, sqlit
     spec = tiny_spec(tmp_path, name="nocuda", runtime={"device": "cuda"})
     assert main(["run", str(spec)]) == 2
     assert "runtime.device: 'cuda' but the Ray cluster has no GPUs" in capsys.readouterr().err
+    runs = SweepRuns("nocuda", sqlite_uri)
+    assert runs.client.get_run(runs.parent_id).info.status == "FAILED"  # the sweep's run ends with it
 
 
 def test_unique_tokens_beyond_the_training_split_is_one_line_exit_2_before_any_trial(tmp_path, sqlite_uri, capsys):
@@ -144,6 +147,7 @@ def ui_lists_the_sweep(uri: str, parent_id: str, n_runs: int) -> None:
         assert len(client.search_runs([experiment.experiment_id], max_results=1000)) == n_runs
         files = {f.path for f in client.list_artifacts(parent_id, names.ARTIFACT_DIR)}
         assert {f"{names.ARTIFACT_DIR}/{f}" for f in ("law.json", "points.csv", "loss_vs_C.png")} <= files
+        check_sweep_in_mlflow(client, "e2e", "end to end", "FINISHED")
     finally:
         stop(ui)
 

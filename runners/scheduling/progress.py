@@ -36,17 +36,20 @@ class SweepProgress:
         self.finished_ids: set[str] = set()
         self.fraction: dict[str, float] = {}
         self.running: set[str] = set()
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, log_path=False)
+        # fits in 80 columns with room for the counts: the bar gives way first, the ETA is never cut off
         self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}% of compute"),
+            TextColumn("{task.description}"), BarColumn(bar_width=None), TextColumn("{task.percentage:>3.0f}%"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False,
+            expand=False,
         )
         self.task = self.bar.add_task(self._describe(), total=1.0)
 
     def _describe(self) -> str:
-        skipped = f" ({self.counts['skipped']} already done)" if self.counts["skipped"] else ""
-        return (f"trials: done {self.counts['done'] + self.counts['skipped']}/{self.total}{skipped}  "
-                f"running {len(self.running)}  failed {self.counts['failed']}")
+        skipped = f" ({self.counts['skipped']} before)" if self.counts["skipped"] else ""
+        failed = f", {self.counts['failed']} failed" if self.counts["failed"] else ""
+        return (f"{self.counts['done'] + self.counts['skipped']}/{self.total} done{skipped}, "
+                f"{len(self.running)} running{failed}")
 
     def submitted(self, trial_id: str, compute: float) -> None:
         self.compute[trial_id] = compute

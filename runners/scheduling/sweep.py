@@ -10,7 +10,10 @@ cancellation.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,7 @@ from pathlib import Path
 import ray
 
 from runners.tracking import names
+from runners.tracking.labels import branch_run_name, trial_run_name
 from runners.scheduling.progress import Board, SweepProgress
 from runners.scheduling.resources import ray_options
 from runners.scheduling.search import GridSource, Pruning, SearchSource, pruning_callback
@@ -55,10 +59,10 @@ def branch_id(trial_id: str, end: int) -> str:
 def register(runs: SweepRuns, p: PlannedTrial) -> tuple[str, dict[int, str]]:
     """Create (or find) the trial's run and its branches' runs: (run id, {branch end: run id})."""
     params = trial_params(p)
-    run_id = runs.trial_run(p.trial_id, params)
+    run_id = runs.trial_run(p.trial_id, params, run_name=trial_run_name(p))
     branches = {
         end: runs.trial_run(branch_id(p.trial_id, end), params | {names.PARAM_D: str(end)}, role=names.ROLE_BRANCH,
-                            tags={names.TAG_PARENT_TRIAL: p.trial_id}, run_name=f"{p.trial_id} branch D={end}")
+                            tags={names.TAG_PARENT_TRIAL: p.trial_id}, run_name=branch_run_name(p, end))
         for end in p.trial.train.schedule.branches
     }
     return run_id, branches
@@ -68,15 +72,22 @@ def connect(address: str | None) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray on loopback. True if we started it."""
     if ray.is_initialized():
         return False
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+    if address or os.environ.get("RAY_ADDRESS"):
+        _init(address=address or None)
         return False
     os.environ.setdefault(NOSET_CUDA, "1")  # inherited by the Ray we start: workers may be kept across trials
-    ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    _init(include_dashboard=False, _node_ip_address="127.0.0.1")
     return True
+
+
+def _init(**options) -> None:
+    """ray.init, quiet unless asked (runners.cli sets SCALING_RAY_LOG_LEVEL), keeping the driver's SIGTERM
+    handler: Ray's own aborts the driver, leaving its trials running and the Ray it started behind."""
+    term = signal.getsignal(signal.SIGTERM)
+    level = logging.getLevelName(os.environ.get("SCALING_RAY_LOG_LEVEL", "INFO"))
+    ray.init(log_to_driver=False, logging_level=level, **options)
+    if callable(term) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, term)
 
 
 def reuses_workers(cluster_has_gpus: bool) -> bool:

@@ -1,7 +1,9 @@
 """MLflow names: the one place that says what every run, tag, param and metric is called.
 
-One experiment per sweep (named after the sweep); in it one parent run for the sweep and one child
-run per trial. A WSD branch (a decay forked from a trial's stable phase) is a child run of its own,
+One experiment per sweep (named after the sweep, described by the spec's description); in it one parent
+run for the sweep (RUNNING while `scaling run` runs, then FINISHED, FAILED or KILLED; it carries the fitted
+law as metrics, runners/tracking/summary.py) and one child run per trial, named by what the trial is
+(runners/tracking/labels.py). A WSD branch (a decay forked from a trial's stable phase) is a child run of its own,
 tagged with its parent trial's id, so each branch is a final point in the points table.
 Metric steps are tokens seen, so curves of different batch sizes line up.
 """
@@ -20,6 +22,11 @@ TAG_NODE = "scaling.node"            # Ray node id of that process
 TAG_GPUS = "scaling.gpus"            # GPU ids Ray gave that process ("" on CPU)
 TAG_CUDA = "scaling.cuda_device"     # the GPU torch trains on, as Ray names it (GPU workers only)
 TAG_NUMERICS = "scaling.numerics"    # precision, residual stream, attention kernel and compile of the last attempt (runners.training.step.numerics)
+
+# MLflow's own tags: the experiment's kind (MLflow 3's UI opens "custom_model_development" on its training runs,
+# not on a GenAI traces page), and the description shown for an experiment or run
+EXPERIMENT_KIND, KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"
+NOTE = "mlflow.note.content"
 
 ROLE_SWEEP, ROLE_TRIAL, ROLE_BRANCH = "sweep", "trial", "branch"
 

@@ -47,15 +47,43 @@ def flatten(prefix: str, value) -> dict[str, str]:
 
 
 class SweepRuns:
-    """The experiment of one sweep and its runs, looked up by tag so re-runs find them again."""
+    """The experiment of one sweep and its runs, looked up by tag so re-runs find them again.
 
-    def __init__(self, sweep: str, uri: str | None = None):
+    The experiment is marked as one of training runs (MLflow 3 otherwise opens it as a GenAI traces page) and
+    carries the spec's description; the parent run is RUNNING while `scaling run` runs and ends with it."""
+
+    def __init__(self, sweep: str, uri: str | None = None, description: str | None = None):
         self.uri = uri or tracking_uri()
         self.client = client(self.uri)
         self.sweep = sweep
         experiment = self.client.get_experiment_by_name(sweep)
         self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(sweep)
-        self.parent_id = self._find_or_create(names.ROLE_SWEEP, sweep, run_name=f"sweep {sweep}", tags={})
+        if not experiment or experiment.tags.get(names.EXPERIMENT_KIND) != names.KIND_TRAINING:
+            self.client.set_experiment_tag(self.experiment_id, names.EXPERIMENT_KIND, names.KIND_TRAINING)
+        if description and (not experiment or experiment.tags.get(names.NOTE) != description):
+            self.client.set_experiment_tag(self.experiment_id, names.NOTE, description)
+        self.parent_id = self._find_or_create(names.ROLE_SWEEP, sweep, run_name=f"sweep {sweep}",
+                                              tags={names.NOTE: description} if description else {})
+
+    def sweep_started(self) -> None:
+        """The parent run is RUNNING again (a re-run sweep reopens it)."""
+        when_available(lambda: self.client.update_run(self.parent_id, status=RunStatus.to_string(RunStatus.RUNNING)))
+
+    def sweep_ended(self, status: str) -> None:
+        """End the parent run FINISHED, FAILED or KILLED (names.FINISHED, FAILED, KILLED)."""
+        mlflow_status = {names.FINISHED: RunStatus.FINISHED, names.FAILED: RunStatus.FAILED,
+                         names.KILLED: RunStatus.KILLED}[status]
+        when_available(lambda: self.client.set_terminated(self.parent_id, status=RunStatus.to_string(mlflow_status)))
+
+    def log_summary(self, doc: dict) -> None:
+        """The fitted law on the parent run (runners.tracking.summary), replacing an earlier export's."""
+        from runners.tracking.summary import law_summary
+
+        metrics, tags = law_summary(doc)
+        now = int(time.time() * 1000)
+        when_available(lambda: self.client.log_batch(
+            self.parent_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()]))
 
     def runs(self, role: str | None = None) -> dict[str, object]:
         """trial id -> Run for every trial (or branch) run of the sweep."""
