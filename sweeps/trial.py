@@ -141,3 +141,7 @@ class Runtime(Frozen):
                                                          "it runs: 2 to 4% faster steps on an H200 (models/flash4.py)")
     checkpoint_every_s: float = Field(60.0, gt=0.0, description="seconds between checkpoints")
     max_retries: int = Field(2, ge=0, description="retries of a trial whose worker died or raised")
+    pack: Literal["auto", "off"] = Field("auto", description="'auto': trials that differ only in lr, seed, init or "
+                                         "optimiser knobs train together as one stacked model, one Ray task (a pack, "
+                                         "sweeps/packs.py); 'off': one task per trial")
+    max_pack: int = Field(16, ge=1, description="most trials in one pack (also capped by GPU memory and work per kernel)")

@@ -47,6 +47,8 @@ def test_scalars_become_axes(tmp_path):
         ({"data": {"tokenizer": "bpe"}}, "tokenizer 'bpe' needs vocab_size"),
         ({"model": {"moe": {"n_experts": 4}}}, "model.family has no 'moe'"),
         ({"model": {"family": "moe", "moe": {"n_expert": 4}}}, "unknown MoE option 'n_expert'"),
+        ({"runtime": {"pack": "on"}}, "runtime.pack = 'on': Input should be 'auto' or 'off'"),
+        ({"runtime": {"max_pack": 0}}, "runtime.max_pack = 0: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_specs_give_one_line(tmp_path, change, expected):
