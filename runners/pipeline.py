@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import ray
 import yaml
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -16,6 +17,7 @@ from fitting.errors import FitInputError
 from runners.tracking import names
 from runners.tracking.collect import collect_points
 from runners.data.store import content_hash, prepare_data, vocab_size_of
+from runners.scheduling.resources import pack_capacity, packs
 from runners.scheduling.search import GridSource, SearchSource
 from runners.scheduling.sweep import SweepOutcome, connect, run_trials
 from runners.tracking.runs import SweepRuns
@@ -88,13 +90,27 @@ def _device(spec: SweepSpec) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _plan_packs(spec: SweepSpec, planned: list[PlannedTrial]) -> dict[str, tuple[int, int]]:
+    """trial id -> (pack number from 1, pack size), as the run will pack the grid (its memory cap only where
+    resources.gpu_memory_gb says the GPU's memory). A search row stands for its study's trials asked at once:
+    a pack of search.parallel (capped) when only lr is searched, one each when batch size is."""
+    gpu_mem = int(spec.resources.gpu_memory_gb * 2**30) if spec.resources.gpu_memory_gb else None
+    if spec.search is None:
+        grouped = packs(planned, lambda p: p, spec.runtime, gpu_mem)
+        return {p.trial_id: (n, len(pack)) for n, pack in enumerate(grouped, 1) for p in pack}
+    size = 1 if spec.search.batch_size else spec.search.parallel
+    return {p.trial_id: (n, min(size, pack_capacity(p, spec.runtime, gpu_mem))) for n, p in enumerate(planned, 1)}
+
+
 def plan_table(spec: SweepSpec, planned: list[PlannedTrial]) -> pd.DataFrame:
-    """One row per trial: identity, counts under every convention, compute and estimated time."""
+    """One row per trial: identity, its pack, counts under every convention, compute and estimated time."""
     rate = ASSUMED_FLOPS_PER_S[_device(spec)] * (spec.resources.cpus if _device(spec) == "cpu" else 1)
+    in_pack = _plan_packs(spec, planned)
     rows = []
     for p in planned:
         m, t = p.trial.model, p.trial.train
         rows.append({
+            "pack": in_pack[p.trial_id][0], "pack_size": in_pack[p.trial_id][1],
             "trial_id": p.trial_id, "family": m.family, "E": m.n_experts,
             "N_total": p.params.total, "N_nonembed": p.params.nonembed, "N_active": p.params.active,
             "D": p.D, "budget": p.trial.budget, "flops_6N": p.flops_6N, "flops_exact": p.flops_exact,
@@ -116,14 +132,38 @@ def print_caveats(spec: SweepSpec, planned: list[PlannedTrial]) -> None:
         console.print(f"[yellow]warning[/]: {spec.hparams_law}: {line}")
 
 
+def _short(x) -> str:
+    """A number in 5 characters or so: 3 significant digits with an SI suffix (27.7k, 5.98M, 50T)."""
+    if isinstance(x, str):
+        return x
+    x = float(f"{x:.3g}")  # rounded first, so that 999.7G shows as 1T
+    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
 def print_plan(spec: SweepSpec, table: pd.DataFrame) -> None:
-    show = Table(title=f"sweep {spec.name}: {len(table)} trials")
-    cols = ["trial_id", "family", "E", "N_active", "D", "budget", "d_model", "n_layers", "lr", "batch_size", "flops_6N", "est_seconds"]
-    for c in cols:
+    """The trials grouped by pack, in 80 columns: what members share once per pack, then each member's lr and seed
+    (the CSV has every column)."""
+    n_packs = table.pack.nunique()
+    show = Table(title=f"sweep {spec.name}: {len(table)} trials in {n_packs} Ray tasks", box=box.SIMPLE_HEAD,
+                 padding=(0, 1, 0, 0), pad_edge=False)
+    shared = {"pack": "pack", "K": "pack_size", "model": None, "N": "N_active", "D": "D", "batch": "batch_size",
+              "C_6N": "flops_6N"}
+    for c in [*shared, "trial_id", "lr", "seed", "est_s"]:
         show.add_column(c, justify="right")
-    for _, r in table.iterrows():
-        show.add_row(*[f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+    for _, members in table.groupby("pack", sort=False):
+        for i, (_, r) in enumerate(members.iterrows()):
+            model = r.family if r.family == "dense" else f"moe{r.E}"
+            cells = ([model if c is None else str(r[c]) if c in ("pack", "pack_size", "batch_size") else _short(r[c])
+                      for c in shared.values()] if i == 0 else [""] * len(shared))
+            show.add_row(*cells, r.trial_id, _short(r.lr), str(r.seed), _short(r.est_seconds),
+                         end_section=i == len(members) - 1 and n_packs < len(table))
     console.print(show)
+    console.print("K: trials in the pack (one Ray task training them as one model; runtime.pack, max_pack). "
+                  "N: active non-embedding parameters; C_6N: 6 N D FLOPs; est_s: seconds a trial alone. "
+                  "`--format csv` for every column (shape, budget, exact FLOPs).")
     if spec.search is not None:
         console.print(f"search: {spec.search.trials} Optuna trials per row ({spec.search.sampler}, pruner "
                       f"{spec.search.pruner}); estimates count them all")

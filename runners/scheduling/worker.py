@@ -1,7 +1,8 @@
-"""What runs inside a Ray worker for one trial: open its data, train, and keep MLflow up to date.
+"""What runs inside a Ray worker for one trial, or for a pack of trials: open the data, train, and keep MLflow
+up to date.
 
 The job carries the MLflow run ids the driver made, so a retried trial logs into the same runs and
-its training resumes from the checkpoint in its own folder.
+its training resumes from the checkpoint in its own folder; in a pack, every member does so on its own.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ import dataclasses
 import os
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from mlflow.tracking import MlflowClient
 
 from runners.tracking import names
 from runners.tracking.runs import MlflowSink, client, set_status
@@ -30,6 +34,14 @@ class TrialJob:
     workdir: str
     cache_dir: str | None
     cpus: float = 1.0
+
+
+@dataclass(frozen=True)
+class PackJob:
+    """Several trials that train together as one stacked model (sweeps/packs.py), each with its own runs and
+    folder; they share the runtime, tracking URI, cache and CPUs (taken from the first)."""
+
+    members: tuple[TrialJob, ...]
 
 
 # Set, Ray leaves CUDA_VISIBLE_DEVICES as the node had it, and each trial selects the GPU Ray gave it: a
@@ -91,34 +103,81 @@ def where() -> dict[str, str]:
 
 def run_job(job: TrialJob, on_eval=None) -> dict:
     """Train one trial to the end (resuming if its folder holds a checkpoint); returns its TrialResult as a dict."""
-    import torch
-
-    from runners.data.store import prepare_data
     from runners.training.train import run_trial
 
-    _quiet_mlflow_retries()
-    select_gpu()
-    torch.set_num_threads(max(1, int(job.cpus)))
+    runtime, mlflow = _start(job)
     trial = TrialConfig.model_validate_json(job.trial_json)
-    runtime = Runtime.model_validate_json(job.runtime_json)
-    mlflow = client(job.tracking_uri)
     set_status(mlflow, job.run_id, names.RUNNING, **where())
-
-    data = prepare_data(trial.data, Path(job.cache_dir) if job.cache_dir else None)
-    if data.content_hash != trial.data.content_hash:
-        raise RuntimeError(f"data on this node hashes to {data.content_hash}, the plan had {trial.data.content_hash}: "
-                           "every node must see the same corpus")
-
-    sink = MlflowSink(job.run_id, job.tracking_uri)
-    branch_sinks = {d: MlflowSink(run_id, job.tracking_uri) for d, run_id in job.branch_run_ids.items()}
+    data = _open_data(trial, job.cache_dir)
+    sink, branch_sinks = _sinks(job)
     try:
         result = run_trial(trial, runtime, Path(job.workdir), sink, data=data,
                            branch_sinks=branch_sinks.__getitem__, on_eval=on_eval)
     finally:
-        for s in [sink, *branch_sinks.values()]:
-            s.close()
-        release_gpu()
+        _close([sink, *branch_sinks.values()])
+    _record(mlflow, job, result)
+    return dataclasses.asdict(result)
 
+
+def run_pack_job(job: PackJob, on_eval: Callable[[str], Callable[[int, float], bool] | None]) -> list[dict]:
+    """Train a pack's members together as one stacked model (runners.training.pack), each resuming from its own
+    folder and logging into its own runs, as run_job does for one; returns each member's TrialResult as a dict.
+    `on_eval(trial_id)` gives that member's pruning callback."""
+    from runners.training.pack import Member, run_pack
+
+    runtime, mlflow = _start(job.members[0])
+    trials = [TrialConfig.model_validate_json(m.trial_json) for m in job.members]
+    here = where()
+    for m in job.members:
+        set_status(mlflow, m.run_id, names.RUNNING, **here)
+    data = _open_data(trials[0], job.members[0].cache_dir)  # one corpus: it is part of the pack key
+    opened = [_sinks(m) for m in job.members]
+    members = [Member(trial=t, workdir=Path(m.workdir), sink=sink, branch_sinks=branch_sinks.__getitem__,
+                      on_eval=on_eval(t.trial_id))
+               for t, m, (sink, branch_sinks) in zip(trials, job.members, opened)]
+    try:
+        results = run_pack(members, runtime, data=data)
+    finally:
+        _close([s for sink, branch_sinks in opened for s in [sink, *branch_sinks.values()]])
+    for m, result in zip(job.members, results):
+        _record(mlflow, m, result)
+    return [dataclasses.asdict(r) for r in results]
+
+
+def _start(job: TrialJob) -> tuple[Runtime, MlflowClient]:
+    """This process, ready for the job: the GPU Ray gave it, its CPU threads, the runtime and a tracking client."""
+    import torch
+
+    _quiet_mlflow_retries()
+    select_gpu()
+    torch.set_num_threads(max(1, int(job.cpus)))
+    return Runtime.model_validate_json(job.runtime_json), client(job.tracking_uri)
+
+
+def _open_data(trial: TrialConfig, cache_dir: str | None):
+    from runners.data.store import prepare_data
+
+    data = prepare_data(trial.data, Path(cache_dir) if cache_dir else None)
+    if data.content_hash != trial.data.content_hash:
+        raise RuntimeError(f"data on this node hashes to {data.content_hash}, the plan had {trial.data.content_hash}: "
+                           "every node must see the same corpus")
+    return data
+
+
+def _sinks(job: TrialJob) -> tuple[MlflowSink, dict[int, MlflowSink]]:
+    """The trial's run's sink and one per WSD branch run."""
+    return (MlflowSink(job.run_id, job.tracking_uri),
+            {d: MlflowSink(run_id, job.tracking_uri) for d, run_id in job.branch_run_ids.items()})
+
+
+def _close(sinks: list[MlflowSink]) -> None:
+    for s in sinks:
+        s.close()
+    release_gpu()
+
+
+def _record(mlflow: MlflowClient, job: TrialJob, result) -> None:
+    """The trial's and its branches' final status and tags in MLflow."""
     finished = {b.tokens for b in result.branches}
     for end, run_id in job.branch_run_ids.items():
         # A branch that never ran (its trial diverged or was pruned first) shares its trial's fate.
@@ -129,4 +188,3 @@ def run_job(job: TrialJob, on_eval=None) -> dict:
     if result.error:
         extra[names.TAG_ERROR] = result.error
     set_status(mlflow, job.run_id, result.status, **extra)
-    return dataclasses.asdict(result)
