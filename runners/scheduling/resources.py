@@ -66,8 +66,9 @@ def ray_options(planned: PlannedTrial, resources: Resources, runtime: Runtime, g
 
 def pack_capacity(planned: PlannedTrial, runtime: Runtime, gpu_memory_bytes: int | None) -> int:
     """How many trials like this one a pack takes: runtime.max_pack at most, no more than one GPU holds, and no
-    more than TARGET_STEP_FLOPS of work per micro-batch (at least one, however large the trial)."""
-    if runtime.pack == "off":
+    more than TARGET_STEP_FLOPS of work per micro-batch (at least one, however large the trial). MoE trials go
+    alone: models/packed.py stacks dense decoders only so far."""
+    if runtime.pack == "off" or planned.trial.model.family != "dense":
         return 1
     work = planned.flops.train_exact * micro_batch_seqs(planned, runtime) * planned.trial.model.seq_len
     capacity = min(runtime.max_pack, int(TARGET_STEP_FLOPS // work))
