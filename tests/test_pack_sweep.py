@@ -53,8 +53,14 @@ def unpacked(tmp_path_factory):
         assert main(["run", str(sweep(tmp, "unpacked", runtime={"pack": "off"})), "--no-fit"]) == 0
     runs = SweepRuns("unpacked", uri)
     assert set(statuses(runs).values()) == {names.FINISHED}
-    assert len({r.data.tags[names.TAG_WORKER] for r in runs.runs(names.ROLE_TRIAL).values()}) >= 1
+    assert not any(names.TAG_PACK in r.data.tags for r in runs.runs(names.ROLE_TRIAL).values())
     return runs, points("unpacked", uri)
+
+
+def sorted_by_plan(runs: dict) -> list[str]:
+    """Trial ids in the order the grid lists them (lr, then seed), as a pack holds its members."""
+    return [t for t, _ in sorted(runs.items(), key=lambda tr: (float(tr[1].data.params["train.lr"]),
+                                                                int(tr[1].data.params["train.seed"])))]
 
 
 def assert_same_points(packed: pd.DataFrame, reference: pd.DataFrame) -> None:
@@ -73,7 +79,7 @@ def test_a_packed_sweep_gives_each_member_its_unpacked_twins_numbers_and_runs(tm
     trials, branches = runs.runs(names.ROLE_TRIAL), runs.runs(names.ROLE_BRANCH)
     assert len(trials) == 4 and set(statuses(runs).values()) == {names.FINISHED}
     assert len(branches) == 4 and set(statuses(runs, names.ROLE_BRANCH).values()) == {names.FINISHED}
-    assert len({r.data.tags[names.TAG_WORKER] for r in trials.values()}) == 1  # one task trained all four
+    assert {r.data.tags[names.TAG_PACK] for r in trials.values()} == {" ".join(sorted_by_plan(trials))}  # one pack
     twins = reference_runs.runs(names.ROLE_TRIAL)
     for trial_id, run in trials.items():  # each member its own run, with its twin's metric names
         assert set(run.data.metrics) == set(twins[trial_id].data.metrics)
@@ -89,8 +95,8 @@ def test_a_packed_sweep_gives_each_member_its_unpacked_twins_numbers_and_runs(tm
     after = runs.runs(names.ROLE_TRIAL)
     assert len(after) == 6 and set(statuses(runs).values()) == {names.FINISHED}
     assert {t: metric_steps(runs, after[t].info.run_id, names.TRAIN_LOSS) for t in before} == before
-    new = [r for t, r in after.items() if t not in before]
-    assert len({r.data.tags[names.TAG_WORKER] for r in new}) == 1
+    new = {t: r for t, r in after.items() if t not in before}
+    assert {r.data.tags[names.TAG_PACK] for r in new.values()} == {" ".join(sorted_by_plan(new))}
 
 
 def test_a_killed_pack_resumes_every_member_to_the_uninterrupted_numbers(tmp_path, sqlite_uri, unpacked):
@@ -134,7 +140,7 @@ def test_a_diverging_member_stops_as_diverged_while_the_others_finish(tmp_path, 
     assert by_lr[1e4].data.tags[names.TAG_STATUS] == names.DIVERGED
     assert int(by_lr[1e4].data.tags[names.TAG_DIVERGED_STEP]) < 100_000
     assert by_lr[3e-3].data.tags[names.TAG_STATUS] == names.FINISHED
-    assert by_lr[1e4].data.tags[names.TAG_WORKER] == by_lr[3e-3].data.tags[names.TAG_WORKER]  # they were one pack
+    assert by_lr[1e4].data.tags[names.TAG_PACK] == by_lr[3e-3].data.tags[names.TAG_PACK] == " ".join(sorted_by_plan(trials))
     branch_fate = {r.data.tags[names.TAG_PARENT_TRIAL]: r.data.tags[names.TAG_STATUS]
                    for r in runs.runs(names.ROLE_BRANCH).values()}
     assert branch_fate == {by_lr[1e4].data.tags[names.TAG_TRIAL_ID]: names.DIVERGED,

@@ -19,6 +19,7 @@ TAG_WORKER = "scaling.worker"        # host:pid of the process training the tria
 TAG_NODE = "scaling.node"            # Ray node id of that process
 TAG_GPUS = "scaling.gpus"            # GPU ids Ray gave that process ("" on CPU)
 TAG_CUDA = "scaling.cuda_device"     # the GPU torch trains on, as Ray names it (GPU workers only)
+TAG_PACK = "scaling.pack"            # the trial ids of the pack it trained in, space-separated (packed trials only)
 TAG_NUMERICS = "scaling.numerics"    # precision, residual stream, attention kernel and compile of the last attempt (runners.training.step.numerics)
 
 ROLE_SWEEP, ROLE_TRIAL, ROLE_BRANCH = "sweep", "trial", "branch"
