@@ -71,14 +71,20 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
+def decays(model: nn.Module) -> set[str]:
+    """Names of the parameters weight decay applies to: matrices only. Embeddings, norms and biases are not
+    decayed, as in GPT-2/LLaMA training, since shrinking them changes the scale of the residual stream, not
+    capacity. For a plain Transformer (a pack asks its plain twin: models.packed keeps the names)."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+    return {name for name, p in model.named_parameters() if p.ndim >= 2 and id(p) not in embeddings}
+
+
 def make_optimizer(model: nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (fused on CUDA). Weight decay on matrices only: embeddings, norms and biases are not decayed,
-    as in GPT-2/LLaMA training, since shrinking them changes the scale of the residual stream, not capacity."""
-    no_decay = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2 and id(p) not in no_decay]
-    keep = [p for p in params if p.ndim < 2 or id(p) in no_decay]
-    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    """AdamW (fused on CUDA), weight decay on `decays(model)` only."""
+    decayed = decays(model)
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for name, p in params if name in decayed], "weight_decay": train.weight_decay},
+              {"params": [p for name, p in params if name not in decayed], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=device.type == "cuda")
 
 
