@@ -99,10 +99,11 @@ def test_a_packed_sweep_gives_each_member_its_unpacked_twins_numbers_and_runs(tm
     assert {r.data.tags[names.TAG_PACK] for r in new.values()} == {" ".join(sorted_by_plan(new))}
 
 
-def test_a_killed_pack_resumes_every_member_to_the_uninterrupted_numbers(tmp_path, sqlite_uri, unpacked):
+def test_a_killed_pack_resumes_every_member_to_the_uninterrupted_numbers(tmp_path, sqlite_uri, local_ray, unpacked):
     _, reference = unpacked
     spec = sweep(tmp_path, "killpack")
-    driver = start_driver(spec, sqlite_uri, "--no-fit")
+    # A driver of its own (so the test can watch and kill), on the test's Ray (no second Ray to start).
+    driver = start_driver(spec, sqlite_uri, "--no-fit", "--address", local_ray.get_runtime_context().gcs_address)
 
     def pack_running_with_checkpoints():
         runs = SweepRuns("killpack", sqlite_uri).runs(names.ROLE_TRIAL)
