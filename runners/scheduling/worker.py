@@ -171,6 +171,7 @@ def _sinks(job: TrialJob) -> tuple[MlflowSink, dict[int, MlflowSink]]:
 
 
 def _close(sinks: list[MlflowSink]) -> None:
+    """Send what the sinks hold, and hand back what training left in this worker."""
     for s in sinks:
         s.close()
     release_gpu()
