@@ -54,8 +54,9 @@ class PackedAdamW:
         """Scale each member's gradients to at most its grad_clip in global 2-norm, as clip_grad_norm_ does alone."""
         grads = [p.grad for p in self.params.values()]
         # each parameter's norm, then the norm of those norms, in the grads' dtype: clip_grad_norm_'s order
-        norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])
-        total = torch.linalg.vector_norm(norms, dim=0)
+        # ([K, params], each member's norms contiguous: a reduction across a strided axis rounds differently)
+        norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads], dim=1)
+        total = torch.linalg.vector_norm(norms, dim=1)
         coef = ((total + CLIP_EPS).reciprocal() * self.grad_clip.to(total.dtype)).clamp(max=1.0)  # max_norm / t is this
         torch._foreach_mul_(grads, [coef.view(-1, *[1] * (g.dim() - 1)).to(g.dtype) for g in grads])
 
@@ -73,7 +74,8 @@ class PackedAdamW:
             g, m, v = p.grad, self.exp_avg[name], self.exp_avg_sq[name]
             shrink = (1 - lr * self.weight_decay if self.decayed[name] else torch.ones_like(lr)).float()
             m_new = m.lerp(g, (1 - b1).float().view(shape))
-            v_new = v * b2.float().view(shape) + (1 - b2).float().view(shape) * g * g
+            # addcmul as torch's v.mul_(b2).addcmul_(g, g, value=1 - b2): its kernel rounds as this one does
+            v_new = torch.addcmul(v * b2.float().view(shape), (1 - b2).float().view(shape) * g, g)
             denom = (v_new.sqrt() / bias2_sqrt.view(shape)).add_(EPS)
             p_new = p * shrink.view(shape) - step_size.view(shape) * m_new / denom
             p.copy_(torch.where(active, p_new, p))
