@@ -147,7 +147,9 @@ def print_plan(spec: SweepSpec, table: pd.DataFrame) -> None:
     """The trials grouped by pack, in 80 columns: what members share once per pack, then each member's lr and seed
     (the CSV has every column)."""
     n_packs = table.pack.nunique()
-    show = Table(title=f"sweep {spec.name}: {len(table)} trials in {n_packs} Ray tasks", box=box.SIMPLE_HEAD,
+    title = (f"{len(table)} trials in {n_packs} Ray tasks" if spec.search is None else
+             f"{len(table)} scales searched, trials asked K at a time in a pack")
+    show = Table(title=f"sweep {spec.name}: {title}", box=box.SIMPLE_HEAD,
                  padding=(0, 1, 0, 0), pad_edge=False)
     shared = {"pack": "pack", "K": "pack_size", "model": None, "N": "N_active", "D": "D", "batch": "batch_size",
               "C_6N": "flops_6N"}
