@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from models.config import Frozen, ModelConfig
 
@@ -145,3 +145,9 @@ class Runtime(Frozen):
                                          "optimiser knobs train together as one stacked model, one Ray task (a pack, "
                                          "sweeps/packs.py); 'off': one task per trial")
     max_pack: int = Field(16, ge=1, description="most trials in one pack (also capped by GPU memory and work per kernel)")
+
+    @field_validator("pack", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        """YAML reads a bare `off` as false (and `on` as true): take them as the words written."""
+        return {False: "off", True: "auto"}[value] if isinstance(value, bool) else value

@@ -86,3 +86,9 @@ def test_the_readmes_full_spec_is_valid_and_shows_the_runtime_defaults(tmp_path)
     path.write_text("name: my-sweep" + block)
     spec = load_spec(path)
     assert spec.runtime == Runtime()
+
+
+def test_a_bare_yaml_off_turns_packs_off(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: t\ngrid: {sizes: [2e4], tokens: [1e5]}\nruntime: {pack: off}\n")  # YAML reads off as false
+    assert load_spec(path).runtime.pack == "off"
