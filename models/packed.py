@@ -52,7 +52,7 @@ class PackedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gain = self.weight.view(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1])
-        return F.rms_norm(x, (x.shape[-1],)) * gain
+        return (F.rms_norm(x, (x.shape[-1],)) * gain).type_as(x)  # x's dtype, as nn.RMSNorm gives under autocast
 
 
 class PackedAttention(nn.Module):
