@@ -90,11 +90,13 @@ def test_killed_pack_resumes_each_member_packed_or_alone(data, tmp_path, packed)
     with pytest.raises(KeyboardInterrupt):  # as Ray cancels a task: the pack checkpoints every member, then stops
         run_pack(first, CPU, data=data)
     assert all((w / "checkpoint.pt").exists() for w in workdirs)
-    # member 0 goes on alone from its plain checkpoint; the other two as a pack
+    # member 0 goes on alone from its plain checkpoint; then the pack again: member 0 is done (its result
+    # returned as it is), the other two go on as a pack
     solo, solo_member = alone(trials(data)[0], workdirs[0], data)
-    rest = [member(t, w) for t, w in zip(trials(data)[1:], workdirs[1:])]
-    results = [solo, *run_pack(rest, CPU, data=data)]
-    for m in (solo_member, *rest):
+    again = [member(t, w) for t, w in zip(trials(data), workdirs)]
+    results = run_pack(again, CPU, data=data)
+    assert results[0] == solo and not again[0].sink.points
+    for m in (solo_member, *again[1:]):
         assert min(m.sink.points[names.TRAIN_LOSS]) > 30 * BATCH  # from where it stopped, not from the start
     for result, expected in zip(results, reference):
         assert result.final_val_loss == pytest.approx(expected.final_val_loss, rel=1e-5)
