@@ -124,6 +124,21 @@ def test_diverged_and_pruned_members_stop_while_the_others_go_on(data, tmp_path,
     assert_same_curves(members[0], twin)
 
 
+def test_moe_members_reproduce_their_unpacked_curves_and_router_statistics(data, tmp_path):
+    base = make_trial(data, 20, family="moe", kind="constant")
+    moe = [base, base.model_copy(update={"train": base.train.model_copy(update={"lr": 3e-3, "seed": 1})})]
+    pack = [member(t, tmp_path / f"member{i}") for i, t in enumerate(moe)]
+    results = run_pack(pack, CPU, data=data)
+    for i, (trial, m, result) in enumerate(zip(moe, pack, results)):
+        twin = member(trial, tmp_path / f"alone{i}")
+        expected = run_trial(trial, CPU, twin.workdir, twin.sink, data=data, branch_sinks=twin.branch_sinks)
+        assert result.final_val_loss == pytest.approx(expected.final_val_loss, rel=1e-5)
+        router = [key for key in twin.sink.points if key.startswith(names.ROUTER_PREFIX)]
+        assert router and sorted(m.sink.points) == sorted(twin.sink.points)
+        for key in (*CURVES[:2], *router):
+            assert m.sink.points[key] == pytest.approx(twin.sink.points[key], rel=1e-5, abs=1e-7), key
+
+
 def test_members_of_different_shapes_are_refused(data, tmp_path):
     other = make_trial(data, STEPS + 1)
     with pytest.raises(TrialSetupError, match="group them with sweeps.packs.group_packs"):
