@@ -35,7 +35,7 @@ from models import ModelConfig, flops_per_token
 from runners.bench.log import LOG, append
 from runners.bench.step import Shape, time_step
 from runners.training.pack import PackedEngine
-from runners.training.step import accumulate_grads, peak_flops
+from runners.training.step import peak_flops
 from sweeps.trial import DataConfig, Runtime, TrainConfig, TrialConfig
 
 LAYERS = {64: 4, 128: 4, 256: 6}  # the stacked-model probe's shapes (shared/FACTS.md)
@@ -62,7 +62,7 @@ def time_pack(cfg: ModelConfig, k: int, seqs: int, device: torch.device, compile
 
     def run(n: int) -> None:
         for _ in range(n):
-            accumulate_grads(engine.forward, batch, device)
+            engine.forward_backward(batch)
             engine.update(lrs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
