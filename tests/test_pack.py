@@ -139,6 +139,19 @@ def test_moe_members_reproduce_their_unpacked_curves_and_router_statistics(data,
             assert m.sink.points[key] == pytest.approx(twin.sink.points[key], rel=1e-5, abs=1e-7), key
 
 
+def test_accumulated_micro_batches_train_each_member_as_alone(data, tmp_path):
+    accumulate = CPU.model_copy(update={"micro_batch_size": 4})  # two micro-batches of a step's 8 sequences
+    base = make_trial(data, 12, kind="constant")
+    pair = [base, base.model_copy(update={"train": base.train.model_copy(update={"lr": 3e-3, "seed": 1})})]
+    pack = [member(t, tmp_path / f"member{i}") for i, t in enumerate(pair)]
+    results = run_pack(pack, accumulate, data=data)
+    for i, (trial, m, result) in enumerate(zip(pair, pack, results)):
+        twin = member(trial, tmp_path / f"alone{i}")
+        expected = run_trial(trial, accumulate, twin.workdir, twin.sink, data=data, branch_sinks=twin.branch_sinks)
+        assert result.final_val_loss == pytest.approx(expected.final_val_loss, rel=1e-5)
+        assert m.sink.points[names.TRAIN_LOSS] == pytest.approx(twin.sink.points[names.TRAIN_LOSS], rel=1e-5)
+
+
 def test_members_of_different_shapes_are_refused(data, tmp_path):
     other = make_trial(data, STEPS + 1)
     with pytest.raises(TrialSetupError, match="group them with sweeps.packs.group_packs"):
