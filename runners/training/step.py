@@ -92,10 +92,13 @@ def accumulate_grads(model: nn.Module, micro_batches: Sequence[Batch], device: t
     n = len(micro_batches)
     loss_sum = torch.zeros((), device=device)
     router: dict[str, torch.Tensor] = {}
-    for x, y in micro_batches:
-        with autocast(device):
-            out = model(x, y)
-        ((out.loss + out.aux_loss) / n).backward()
+    for i, (x, y) in enumerate(micro_batches):
+        # Under DDP, gradients are all-reduced once a step, after the last micro-batch.
+        quiet = model.no_sync() if i < n - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with quiet:
+            with autocast(device):
+                out = model(x, y)
+            ((out.loss + out.aux_loss) / n).backward()
         loss_sum += out.loss.detach().float()
         for key, value in out.router.items():
             router[key] = router.get(key, 0.0) + value.detach().float() / n
@@ -113,8 +116,9 @@ def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, lr: float, 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> float:
-    """Mean cross-entropy in nats per token over every token of `batches` (one sync at the end)."""
+def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> torch.Tensor:
+    """[summed cross-entropy in nats, tokens] over every token of `batches`, float64 on the device (sums, so
+    that a group's shares add up); their ratio is the mean loss per token."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -124,4 +128,4 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -
             total += model(x, y).loss.double() * y.numel()
         count += y.numel()
     model.train(was_training)
-    return total.item() / count
+    return torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)])

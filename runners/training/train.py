@@ -1,13 +1,13 @@
 """Train one trial: the main run, its WSD decay branches, evaluations, checkpoints and divergence.
 
 The timeline is one sequence of optimizer steps. A WSD branch shares the main run's steps up to its
-fork, so when the main run reaches a fork it saves its state (`fork.pt`), trains the branch from
+fork, so when the main run reaches a fork it saves its state (checkpoint FORK), trains the branch from
 there to the branch's end under the branch's decay, evaluates it (a final point of its own), then
 reloads the fork state and carries on. Training batches depend only on the step and the seed, so a
 branch sees exactly the data of a standalone run of its length, and a resumed trial the data it
 would have seen.
 
-`checkpoint.pt` always holds where the trial is: the phase (main run or which branch), the step,
+Checkpoint LATEST always holds where the trial is: the phase (main run or which branch), the step,
 the branches finished so far, and the divergence tracker. A trial that is killed or cancelled
 (KeyboardInterrupt, as Ray delivers it) starts again from there and ends with the same numbers
 (bit for bit on the CPU; on the GPU up to the nondeterminism of its kernels). `result.json` marks a
@@ -16,6 +16,10 @@ trial that has ended, so a retried worker returns its result at once, and its ch
 Divergence (a NaN or Inf train loss, or one over `spike_threshold` x the running minimum after the
 warm-up) is checked whenever losses reach the host, at each logged point and checkpoint; it ends the
 whole trial, also when it happens in a branch.
+
+A trial may be trained by a group of processes (runners.training.parallel: Ray Train starts them, with the
+process group set up): each rank trains on its share of every batch, losses and evaluations are the
+group's, and rank 0 alone logs and writes the result; at world size 1 nothing of that runs.
 
 Logged curves (step = tokens seen on that curve): train loss every `plan.log_every` steps and at
 every evaluation and checkpoint, with lr, exact FLOPs to reach that point on that curve, tokens/s,
@@ -32,14 +36,14 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from models import build_model, flops_per_token
 from runners.tracking import names
-from runners.training import checkpoint
+from runners.training import checkpoint, parallel
 from runners.data.store import TokenData
 from runners.training.schedule import Plan, TrialSetupError, lr_at, plan_trial
 from runners.training.step import (Batch, accumulate_grads, apply_update, evaluate, make_optimizer, numerics, peak_flops,
@@ -80,16 +84,18 @@ def run_trial(trial: TrialConfig, runtime: Runtime, workdir: Path, sink: Sink, *
     """Train `trial` to the end (resuming from `workdir` if it holds a checkpoint) and return what it gave."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    group = parallel.current()
     done = workdir / RESULT
     if done.exists():
         return _result_from_json(done.read_text())
-    result = _Trainer(trial, runtime, workdir, sink, data, branch_sinks, on_eval).run()
+    result = _Trainer(trial, runtime, workdir, sink, data, branch_sinks, on_eval, group).run()
     make_durable([sink, *map(branch_sinks, trial.train.schedule.branches)])
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(result)))
-    os.replace(tmp, done)
-    for name in (checkpoint.LATEST, checkpoint.FORK):  # the result stands for them now; free the disk
-        (workdir / name).unlink(missing_ok=True)
+    group.barrier()  # every rank is done with the checkpoints before they go
+    if group.main:
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(result)))
+        os.replace(tmp, done)
+        checkpoint.discard(workdir)  # the result stands for them now; free the disk
     return result
 
 
@@ -101,10 +107,11 @@ def _result_from_json(text: str) -> TrialResult:
 
 class _Trainer:
     def __init__(self, trial: TrialConfig, runtime: Runtime, workdir: Path, sink: Sink, data: TokenData,
-                 branch_sinks: Callable[[int], Sink], on_eval: Callable[[int, float], bool] | None):
+                 branch_sinks: Callable[[int], Sink], on_eval: Callable[[int, float], bool] | None,
+                 group: parallel.Group):
         self.trial, self.cfg, self.workdir, self.data = trial, trial.train, workdir, data
-        self.sink, self.branch_sinks, self.on_eval = sink, branch_sinks, on_eval
-        self.plan: Plan = plan_trial(trial, runtime)
+        self.sink, self.branch_sinks, self.on_eval, self.group = sink, branch_sinks, on_eval, group
+        self.plan: Plan = plan_trial(trial, runtime, group.world)
         if data.vocab_size > trial.model.vocab_size:
             raise TrialSetupError(f"model.vocab_size {trial.model.vocab_size} is smaller than the data's "
                                   f"vocabulary ({data.vocab_size}); set it to at least {data.vocab_size}")
@@ -115,14 +122,16 @@ class _Trainer:
         self.model.loss_chunk, self.model.bf16_residual = runtime.loss_chunk, runtime.bf16_residual
         flash4 = wants_flash4(runtime, self.device, trial.model)
         self.model.use_flash4(flash4)
-        self.forward = torch.compile(self.model) if wants_compile(runtime, self.device) else self.model
+        wrapped = parallel.wrap(self.model, runtime, self.device, group)  # FSDP2 shards self.model in place
+        self.forward = torch.compile(wrapped) if wants_compile(runtime, self.device) else wrapped
         self.numerics = numerics(runtime, self.device, flash4)
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
         self.flops_per_token = flops_per_token(trial.model).train_exact
-        self.peak = peak_flops(self.device)
-        self.val = [self._to_device(x, y) for x, y in data.val_batches(trial.model.seq_len, trial.data.val_tokens,
-                                                                         self.plan.micro_seqs)]
-        # Progress, all of it saved in checkpoint.pt.
+        peak = peak_flops(self.device)
+        self.peak = peak * group.world if peak else None  # the group's: MFU and tokens/s are the group's
+        self.val = parallel.val_share([self._to_device(x, y) for x, y in data.val_batches(
+            trial.model.seq_len, trial.data.val_tokens, self.plan.micro_seqs)], group)
+        # Progress, all of it saved in checkpoint LATEST.
         self.step = 0
         self.branch: int | None = None  # index into plan.branches while training that branch
         self.branches_done: list[dict] = []
@@ -194,7 +203,7 @@ class _Trainer:
 
     def _fork(self, index: int) -> None:
         self._flush()
-        checkpoint.save(self._state(), self.workdir / checkpoint.FORK)
+        self._checkpoint(checkpoint.FORK)
         self.branch = index
         self._save()
 
@@ -207,7 +216,7 @@ class _Trainer:
         self.consistent = False
         # The fork's state holds the divergence tracker too: the branch's decayed, lower losses must
         # not become the minimum that the main run's losses are held against.
-        self._load(checkpoint.load(self.workdir / checkpoint.FORK, self.device))
+        self._load(checkpoint.FORK)
         self.branches_done = done
         self.consistent = True
         self._save()
@@ -218,16 +227,17 @@ class _Trainer:
         tokens = self.step * self.plan.batch_size
         self.final_val = [loss, self._bpb(loss)]
         self.sink.log({names.VAL_LOSS: loss, names.VAL_BPB: self.final_val[1]}, tokens)
-        if self.on_eval is not None and self.on_eval(tokens, loss) and self.step < self.plan.total_steps:
+        prune = self.group.from_main(self.on_eval is not None and self.on_eval(tokens, loss))  # the pruner asks rank 0
+        if prune and self.step < self.plan.total_steps:
             raise Pruned(f"pruned at {tokens} tokens (val loss {loss:.4f})")
 
     # --- evaluation and logging -----------------------------------------------------------------
 
     def _validate(self) -> float:
         started = time.perf_counter()
-        loss = evaluate(self.forward, self.val, self.device)
+        total, count = self.group.sum(evaluate(self.forward, self.val, self.device)).tolist()
         self.clock += time.perf_counter() - started  # evaluation time is not training time
-        return loss
+        return total / count
 
     def _bpb(self, loss: float) -> float:
         return loss / math.log(2) / self.data.val_bytes_per_token
@@ -236,7 +246,7 @@ class _Trainer:
         """Bring the step losses to the host and check them for divergence."""
         if not self.unsynced:
             return
-        losses = torch.stack(self.unsynced).tolist()
+        losses = self.group.mean(torch.stack(self.unsynced)).tolist()
         first = self.step - len(losses)
         self.unsynced = []
         self.interval_tokens += len(losses) * self.plan.batch_size
@@ -279,24 +289,23 @@ class _Trainer:
         (self.branch_sinks(branch.tokens) if branch else self.sink).log(metrics, tokens)
         self.pending = []
 
-    @staticmethod
-    def _host(values) -> list[float]:
-        """Scalars on the device as floats, in one transfer."""
+    def _host(self, values) -> list[float]:
+        """Scalars on the device as floats (the group's means), in one transfer."""
         values = list(values)
-        return torch.stack(values).tolist() if values else []
+        return self.group.mean(torch.stack(values)).tolist() if values else []
 
     # --- checkpoints ----------------------------------------------------------------------------
 
-    def _state(self) -> dict[str, Any]:
-        return checkpoint.capture(self.model, self.optimizer, step=self.step, branch=self.branch,
-                                  branches_done=self.branches_done, loss_min=self.loss_min, pending=self.pending,
-                                  final_val=self.final_val)
+    def _checkpoint(self, name: str) -> None:
+        progress = {"step": self.step, "branch": self.branch, "branches_done": self.branches_done,
+                    "loss_min": self.loss_min, "pending": self.pending, "final_val": self.final_val}
+        checkpoint.save(self.workdir, name, self.model, self.optimizer, progress, self.group)
 
     def _save(self) -> None:
         started = time.perf_counter()
         self._sync()
         make_durable([self.sink, *map(self.branch_sinks, self.trial.train.schedule.branches)])
-        checkpoint.save(self._state(), self.workdir / checkpoint.LATEST)
+        self._checkpoint(checkpoint.LATEST)
         self.last_checkpoint = time.monotonic()
         self.clock += time.perf_counter() - started
 
@@ -308,16 +317,16 @@ class _Trainer:
             except Diverged:
                 pass
 
-    def _load(self, state: dict[str, Any]) -> None:
-        progress = checkpoint.restore(state, self.model, self.optimizer)
+    def _load(self, name: str) -> None:
+        progress = checkpoint.load(self.workdir, name, self.model, self.optimizer, self.group, self.device)
+        if progress is None:
+            return
         self.step, self.branch = progress["step"], progress["branch"]
         self.branches_done, self.loss_min = progress["branches_done"], progress["loss_min"]
         self.pending, self.final_val, self.unsynced = progress["pending"], progress["final_val"], []
 
     def _resume(self) -> None:
-        state = checkpoint.load(self.workdir / checkpoint.LATEST, self.device)
-        if state is not None:
-            self._load(state)
+        self._load(checkpoint.LATEST)
         self.clock = time.perf_counter()
 
     # --- data -----------------------------------------------------------------------------------
@@ -329,10 +338,10 @@ class _Trainer:
         return x, y
 
     def _micro_batches(self, step: int) -> list[Batch]:
-        """The step's batch (a function of step and seed alone), cut into micro-batches."""
+        """This rank's share of the step's batch (a function of step and seed alone), cut into micro-batches."""
         plan = self.plan
-        x, y = self.data.train_batch(step * plan.seqs_per_step, plan.seqs_per_step, self.trial.model.seq_len,
-                                     self.cfg.seed)
+        first, count = parallel.rank_slice(plan.seqs_per_step, self.group)  # this rank's share of the batch
+        x, y = self.data.train_batch(step * plan.seqs_per_step + first, count, self.trial.model.seq_len, self.cfg.seed)
         x, y = self._to_device(x, y)
         return list(zip(x.split(plan.micro_seqs), y.split(plan.micro_seqs)))
 
