@@ -5,7 +5,6 @@ checkpointed on two ranks resumes on one and ends where the uninterrupted run en
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -36,34 +35,26 @@ def runtime(parallel: str = "ddp") -> Runtime:
     return Runtime(device="cpu", checkpoint_every_s=3600, micro_batch_size=2, parallel=parallel)
 
 
-def rank_main(rank: int, world: int, port: int, parallel: str, cache: str, workdir: str, out: str,
-              stop_at: int | None) -> None:
+JOBS = {"ddp": ("ddp", None), "fsdp": ("fsdp", None), "stopped": ("fsdp", 50 * BATCH)}  # stop: after the branch
+
+
+def rank_main(rank: int, world: int, port: int, cache: str, root: str) -> None:
+    """Every job of JOBS, one after the other, in one process group (one start of the ranks for all)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         data = prepare_data(DATA, Path(cache))
-        trial = two_layers(data)
-        sink, branch = MemorySink(stop_at), MemorySink()
-        try:
-            result = run_trial(trial, runtime(parallel), workdir, sink, data=data, branch_sinks=lambda _: branch)
-            final = [result.final_val_loss, result.branches[0].val_loss]
-        except KeyboardInterrupt:  # every rank's sink stops at the same point, as a cancelled gang would
-            final = None
-        with open(f"{out}.{rank}", "w") as f:
-            json.dump({"points": sink.points, "final": final}, f)
+        for job, (parallel, stop_at) in JOBS.items():
+            sink, branch = MemorySink(stop_at), MemorySink()
+            try:
+                result = run_trial(two_layers(data), runtime(parallel), Path(root) / job, sink, data=data,
+                                   branch_sinks=lambda _: branch)
+                final = [result.final_val_loss, result.branches[0].val_loss]
+            except KeyboardInterrupt:  # every rank's sink stops at the same point, as a cancelled gang would
+                final = None
+            (Path(root) / f"{job}.{rank}.json").write_text(json.dumps({"points": sink.points, "final": final}))
     finally:
         dist.destroy_process_group()
-
-
-def gang(tmp_path, parallel: str, data_dir, stop_at: int | None = None, workdir=None) -> dict:
-    out = str(tmp_path / f"out-{parallel}")
-    workdir = workdir or tmp_path / f"work-{parallel}"
-    mp.start_processes(rank_main, args=(2, free_port(), parallel, str(data_dir), str(workdir), out, stop_at),
-                       nprocs=2, start_method="spawn")
-    ranks = [json.loads(open(f"{out}.{r}").read()) for r in range(2)]
-    for r in ranks:
-        r["points"] = {k: {int(t): v for t, v in p.items()} for k, p in r["points"].items()}
-    return ranks[0]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +62,19 @@ def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tokens")
     prepare_data(DATA, folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def gang(data_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """The jobs' folder, and rank 0's points and final losses of each job."""
+    root = tmp_path_factory.mktemp("gang")
+    mp.start_processes(rank_main, args=(2, free_port(), str(data_dir), str(root)), nprocs=2, start_method="spawn")
+    out = {}
+    for job in JOBS:
+        ranked = json.loads((root / f"{job}.0.json").read_text())
+        ranked["points"] = {k: {int(t): v for t, v in p.items()} for k, p in ranked["points"].items()}
+        out[job] = ranked
+    return root, out
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +91,8 @@ def single(data_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_give_the_single_process_curves(tmp_path, data_dir, single, parallel):
-    ranked = gang(tmp_path, parallel, data_dir)
+def test_two_ranks_give_the_single_process_curves(gang, single, parallel):
+    ranked = gang[1][parallel]
     for key in (names.TRAIN_LOSS, names.VAL_LOSS, names.LR):
         assert ranked["points"][key].keys() == single["points"][key].keys()
         for tokens, value in single["points"][key].items():
@@ -97,16 +101,14 @@ def test_two_ranks_give_the_single_process_curves(tmp_path, data_dir, single, pa
     assert single["final"][0] < single["points"][names.VAL_LOSS][min(single["points"][names.VAL_LOSS])]  # it learned
 
 
-def test_a_two_rank_checkpoint_resumes_on_one(tmp_path, data_dir, single):
-    workdir = tmp_path / "work"
-    stopped = gang(tmp_path, "fsdp", data_dir, stop_at=50 * BATCH, workdir=workdir)  # after the branch, before the end
-    assert stopped["final"] is None and (workdir / "checkpoint.json").exists()
+def test_a_two_rank_checkpoint_resumes_on_one(gang, data_dir, single):
+    workdir = gang[0] / "stopped"
+    assert gang[1]["stopped"]["final"] is None
     assert json.loads((workdir / "checkpoint.json").read_text())["progress"]["step"] >= 40
     torch.set_num_threads(1)
     data = prepare_data(DATA, data_dir)
     sink, branch = MemorySink(), MemorySink()
-    result = run_trial(two_layers(data), runtime(), workdir, sink, data=data,
-                       branch_sinks=lambda _: branch)
+    result = run_trial(two_layers(data), runtime(), workdir, sink, data=data, branch_sinks=lambda _: branch)
     assert [result.final_val_loss, result.branches[0].val_loss] == pytest.approx(single["final"], rel=RTOL)
     assert min(sink.points[names.TRAIN_LOSS]) > 40 * BATCH  # it went on from the checkpoint, not from the start
-    assert not os.path.exists(workdir / "checkpoint.json")  # the result stands for it
+    assert not (workdir / "checkpoint.json").exists()  # the result stands for it
