@@ -5,7 +5,8 @@ own folder and logs into its own MLflow run, so what Tune adds (experiment state
 restore) would be a second record of progress next to MLflow's, and its restore resumes from the
 checkpoint it last recorded, one behind what is on disk. Tasks give what is needed: resource-based
 placement and packing (fractional GPUs), retries of a task whose worker died or raised, and
-cancellation.
+cancellation. A trial that spans several workers is one such task that starts a Ray Train gang
+(runners.scheduling.gang, which says why Ray Train there).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import ray
 
 from runners.tracking import names
 from runners.scheduling.progress import Board, SweepProgress
-from runners.scheduling.resources import ray_options
+from runners.scheduling.gang import Gang, run_gang
+from runners.scheduling.resources import gang_size, ray_options
 from runners.scheduling.search import GridSource, Pruning, SearchSource, pruning_callback
 from runners.tracking.runs import SweepRuns, flatten, set_status
 from runners.scheduling.worker import NOSET_CUDA, TrialJob, run_job
@@ -131,10 +133,14 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
                     progress.finished(p.trial_id, status, skipped=True)
                     source.done(p, status, run.data.metrics.get(names.VAL_LOSS))
                 else:
-                    todo.append((p, pruning, ray_options(p, spec.resources, spec.runtime, gpu_mem)))
-            if todo and not refs and reuse:
-                warm_workers(todo, runs.uri)
-            for p, pruning, options in todo:
+                    workers = gang_size(p, spec.resources, spec.runtime, gpu_mem)
+                    gang = Gang(workers, use_gpu=gpu_mem is not None and spec.runtime.device != "cpu",
+                                max_failures=spec.runtime.max_retries) if workers > 1 else None
+                    todo.append((p, pruning, ray_options(p, spec.resources, spec.runtime, gpu_mem), gang))
+            singles = [t for t in todo if t[3] is None]  # a gang's workers are Ray Train's
+            if singles and not refs and reuse:
+                warm_workers(singles, runs.uri)
+            for p, pruning, options, gang in todo:
                 ids[p.trial_id] = register(runs, p)
                 run_id, branches = ids[p.trial_id]
                 job = TrialJob(
@@ -143,7 +149,7 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
                     workdir=str((spec.checkpoint_dir / spec.name / p.trial_id).resolve()),
                     cache_dir=str(cache_dir) if cache_dir else None, cpus=spec.resources.cpus,
                 )
-                refs[task.options(name=f"trial-{p.trial_id}", **options).remote(job, board, p.D, pruning)] = p
+                refs[task.options(name=f"trial-{p.trial_id}", **options).remote(job, board, p.D, pruning, gang)] = p
                 progress.submitted(p.trial_id, p.compute_exact)
 
     try:
@@ -175,7 +181,7 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
     return outcome
 
 
-def warm_workers(todo: list[tuple[PlannedTrial, Pruning | None, dict]], tracking_uri: str) -> list:
+def warm_workers(todo: list[tuple[PlannedTrial, Pruning | None, dict, None]], tracking_uri: str) -> list:
     """Start the workers the first trials will run in, and import torch, the trainer and MLflow's store in
     them while the driver registers those trials, so that each trial starts training seconds sooner.
 
@@ -201,7 +207,7 @@ def _warm(tracking_uri: str) -> int:
     return os.getpid()
 
 
-def _run_on_ray(job: TrialJob, board, tokens_total: int, pruning: Pruning | None) -> dict:
+def _run_on_ray(job: TrialJob, board, tokens_total: int, pruning: Pruning | None, gang: Gang | None) -> dict:
     trial_id = Path(job.workdir).name
     board.started.remote(trial_id)
     should_prune = pruning_callback(pruning) if pruning else None
@@ -210,7 +216,7 @@ def _run_on_ray(job: TrialJob, board, tokens_total: int, pruning: Pruning | None
         board.evaluated.remote(trial_id, tokens / tokens_total)
         return should_prune(tokens, val_loss) if should_prune else False
 
-    return run_job(job, on_eval=report)
+    return run_gang(job, gang, on_eval=report) if gang else run_job(job, on_eval=report)
 
 
 def _stop(refs: dict, board, ids: dict, runs: SweepRuns, outcome: SweepOutcome) -> None:

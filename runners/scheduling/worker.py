@@ -1,7 +1,9 @@
 """What runs inside a Ray worker for one trial: open its data, train, and keep MLflow up to date.
 
 The job carries the MLflow run ids the driver made, so a retried trial logs into the same runs and
-its training resumes from the checkpoint in its own folder.
+its training resumes from the checkpoint in its own folder. In a gang (runners.scheduling.gang) every rank
+runs this; rank 0 alone sets the statuses and logs, with tags for the group (world size, parallelism, each
+rank's process and node).
 """
 
 from __future__ import annotations
@@ -89,35 +91,69 @@ def where() -> dict[str, str]:
     return tags
 
 
+class NullSink:
+    """What the ranks other than 0 log into: nothing (rank 0 logs the group's numbers)."""
+
+    def log(self, metrics, tokens: int) -> None:
+        pass
+
+    def flush(self, timeout_s: float = 0.0) -> bool:
+        return True
+
+    def close(self) -> bool:
+        return True
+
+
+def group_tags(placed: list[dict[str, str]], runtime: Runtime) -> dict[str, str]:
+    """Where a trial's ranks run (`placed`: each rank's `where()`, in rank order), as tags: rank 0's own, and the group's."""
+    tags = placed[0] | {names.TAG_WORLD: str(len(placed)),
+                        names.TAG_PARALLEL: runtime.parallel if len(placed) > 1 else "none"}
+    if len(placed) > 1:
+        tags[names.TAG_RANK_WORKERS] = ",".join(p[names.TAG_WORKER] for p in placed)
+        tags[names.TAG_RANK_NODES] = ",".join(p[names.TAG_NODE] for p in placed)
+    return tags
+
+
 def run_job(job: TrialJob, on_eval=None) -> dict:
-    """Train one trial to the end (resuming if its folder holds a checkpoint); returns its TrialResult as a dict."""
+    """Train one trial to the end (resuming if its folder holds a checkpoint); returns its TrialResult as a dict.
+    In a gang, every rank calls this; rank 0's `on_eval` alone is asked (the group follows its answer)."""
     import torch
 
     from runners.data.store import prepare_data
+    from runners.training import parallel
     from runners.training.train import run_trial
 
     _quiet_mlflow_retries()
-    select_gpu()
+    group = parallel.current()
+    if group.world == 1:
+        select_gpu()  # a gang's ranks were given theirs by Ray Train
     torch.set_num_threads(max(1, int(job.cpus)))
     trial = TrialConfig.model_validate_json(job.trial_json)
     runtime = Runtime.model_validate_json(job.runtime_json)
     mlflow = client(job.tracking_uri)
-    set_status(mlflow, job.run_id, names.RUNNING, **where())
+    placed = group.gather(where())
+    if group.main:
+        set_status(mlflow, job.run_id, names.RUNNING, **group_tags(placed, runtime))
 
     data = prepare_data(trial.data, Path(job.cache_dir) if job.cache_dir else None)
     if data.content_hash != trial.data.content_hash:
         raise RuntimeError(f"data on this node hashes to {data.content_hash}, the plan had {trial.data.content_hash}: "
                            "every node must see the same corpus")
 
-    sink = MlflowSink(job.run_id, job.tracking_uri)
-    branch_sinks = {d: MlflowSink(run_id, job.tracking_uri) for d, run_id in job.branch_run_ids.items()}
+    def sink_of(run_id: str):
+        return MlflowSink(run_id, job.tracking_uri) if group.main else NullSink()
+
+    sink = sink_of(job.run_id)
+    branch_sinks = {d: sink_of(run_id) for d, run_id in job.branch_run_ids.items()}
     try:
         result = run_trial(trial, runtime, Path(job.workdir), sink, data=data,
-                           branch_sinks=branch_sinks.__getitem__, on_eval=on_eval)
+                           branch_sinks=branch_sinks.__getitem__, on_eval=on_eval if group.main else None)
     finally:
         for s in [sink, *branch_sinks.values()]:
             s.close()
         release_gpu()
+    if not group.main:
+        return dataclasses.asdict(result)
 
     finished = {b.tokens for b in result.branches}
     for end, run_id in job.branch_run_ids.items():

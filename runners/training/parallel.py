@@ -28,6 +28,7 @@ class Group:
 
     rank: int = 0
     world: int = 1
+    device: torch.device = torch.device("cpu")  # where small collectives run: the GPU under NCCL
 
     @property
     def main(self) -> bool:
@@ -48,7 +49,7 @@ class Group:
         """Rank 0's `flag` on every rank (a decision only rank 0 can take, such as the pruner's)."""
         if self.world == 1:
             return flag
-        value = torch.tensor([float(flag)])
+        value = torch.tensor([float(flag)], device=self.device)
         dist.broadcast(value, src=0)
         return bool(value.item())
 
@@ -68,7 +69,9 @@ class Group:
 def current() -> Group:
     """The group this process trains in: the default process group when one is set up (Ray Train does)."""
     if dist.is_available() and dist.is_initialized():
-        return Group(dist.get_rank(), dist.get_world_size())
+        nccl = dist.get_backend() == "nccl"
+        return Group(dist.get_rank(), dist.get_world_size(),
+                     torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
     return Group()
 
 

@@ -185,9 +185,17 @@ class _Trainer:
             self._flush()
         if self.branch is None and self.step in plan.eval_steps:
             self._evaluate_main()
-        if time.monotonic() - self.last_checkpoint >= self.checkpoint_every_s:
+        if self._checkpoint_due():
             self._save()
         return True
+
+    def _checkpoint_due(self) -> bool:
+        due = time.monotonic() - self.last_checkpoint >= self.checkpoint_every_s
+        if self.group.world == 1:
+            return due
+        # A checkpoint is collective, so the ranks take rank 0's clock; asked at logged steps only, which
+        # wait for the device anyway (the losses come to the host there).
+        return self.step % self.plan.log_every == 0 and self.group.from_main(due)
 
     def _train_step(self) -> None:
         branch = self.plan.branches[self.branch] if self.branch is not None else None
