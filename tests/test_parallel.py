@@ -32,8 +32,8 @@ def two_layers(data):
 
 def runtime(parallel: str = "ddp") -> Runtime:
     # Micro-batches of 2 sequences: 4 accumulated on one process, 2 on each of two ranks.
-    # Checkpoints every 0.1 s: the ranks must agree when (a save is collective) and go on exactly.
-    return Runtime(device="cpu", checkpoint_every_s=0.1, micro_batch_size=2, parallel=parallel)
+    # Checkpoints every 2 s: the ranks must agree when (a save is collective) and go on exactly.
+    return Runtime(device="cpu", checkpoint_every_s=2.0, micro_batch_size=2, parallel=parallel)
 
 
 JOBS = {"ddp": ("ddp", None), "fsdp": ("fsdp", None), "stopped": ("fsdp", 50 * BATCH)}  # stop: after the branch
