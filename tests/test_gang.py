@@ -41,10 +41,11 @@ def single_loss(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("single")
     spec = load_spec(tiny_spec(tmp_path, name="single", grid=ONE_TRIAL))
     (planned,) = plan(spec)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the sweep's workers (resources.cpus)
-    sink = MemorySink()
-    result = run_trial(planned.trial, spec.runtime, tmp_path / "work", sink, data=prepare_data(spec.data, None),
+    result = run_trial(planned.trial, spec.runtime, tmp_path / "work", MemorySink(), data=prepare_data(spec.data, None),
                        branch_sinks=lambda _: MemorySink())
+    torch.set_num_threads(threads)
     assert result.status == names.FINISHED
     return result.final_val_loss
 

@@ -106,10 +106,12 @@ def test_a_two_rank_checkpoint_resumes_on_one(gang, data_dir, single):
     workdir = gang[0] / "stopped"
     assert gang[1]["stopped"]["final"] is None
     assert json.loads((workdir / "checkpoint.json").read_text())["progress"]["step"] >= 40
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     data = prepare_data(DATA, data_dir)
     sink, branch = MemorySink(), MemorySink()
     result = run_trial(two_layers(data), runtime(), workdir, sink, data=data, branch_sinks=lambda _: branch)
+    torch.set_num_threads(threads)
     assert [result.final_val_loss, result.branches[0].val_loss] == pytest.approx(single["final"], rel=RTOL)
     assert min(sink.points[names.TRAIN_LOSS]) > 40 * BATCH  # it went on from the checkpoint, not from the start
     assert not (workdir / "checkpoint.json").exists()  # the result stands for it
