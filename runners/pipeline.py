@@ -11,6 +11,7 @@ import ray
 import yaml
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fitting.errors import FitInputError
@@ -229,7 +230,7 @@ def _print_outcome(outcome: SweepOutcome) -> None:
     console.print("trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
                   + (f" ({outcome.skipped} already done, not trained again)" if outcome.skipped else ""))
     for trial_id, error in outcome.errors.items():
-        console.print(f"  failed {trial_id}: {error}")
+        console.print(f"  failed {trial_id}: {escape(error)}")  # errors quote paths in [brackets]
 
 
 def status(spec: SweepSpec) -> pd.DataFrame:

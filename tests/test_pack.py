@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from runners.tracking import names
+from runners.training import checkpoint
 from runners.training.pack import Member, run_pack
 from runners.training.schedule import TrialSetupError
 from runners.training.train import run_trial
@@ -89,7 +90,7 @@ def test_killed_pack_resumes_each_member_packed_or_alone(data, tmp_path, packed)
              for i, (t, w) in enumerate(zip(trials(data), workdirs))]
     with pytest.raises(KeyboardInterrupt):  # as Ray cancels a task: the pack checkpoints every member, then stops
         run_pack(first, CPU, data=data)
-    assert all((w / "checkpoint.pt").exists() for w in workdirs)
+    assert all(checkpoint.progress(w, checkpoint.LATEST) is not None for w in workdirs)
     # member 0 goes on alone from its plain checkpoint; then the pack again: member 0 is done (its result
     # returned as it is), the other two go on as a pack
     solo, solo_member = alone(trials(data)[0], workdirs[0], data)

@@ -49,6 +49,9 @@ def test_scalars_become_axes(tmp_path):
         ({"model": {"family": "moe", "moe": {"n_expert": 4}}}, "unknown MoE option 'n_expert'"),
         ({"runtime": {"pack": "on"}}, "runtime.pack = 'on': Input should be 'auto' or 'off'"),
         ({"runtime": {"max_pack": 0}}, "runtime.max_pack = 0: Input should be greater than or equal to 1"),
+        ({"resources": {"gpus": 2.5}}, "gpus 2.5: above 1 a trial takes whole GPUs (a gang of workers); use 2 or 3"),
+        ({"runtime": {"parallel": "tp"}}, "runtime.parallel = 'tp': Input should be 'ddp' or 'fsdp'"),
+        ({"runtime": {"expert_parallel": True}}, "expert_parallel is not available yet; set it to false"),
     ],
 )
 def test_bad_specs_give_one_line(tmp_path, change, expected):
@@ -57,6 +60,24 @@ def test_bad_specs_give_one_line(tmp_path, change, expected):
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_gang_size_declared_or_from_memory(tmp_path):
+    """gpus W >= 2 is a gang of W; 'auto' is one process while one GPU holds the trial, else the fewest GPUs (a
+    power of two) whose shards hold it."""
+    from models import estimate_memory_bytes
+    from runners.pipeline import plan
+    from runners.scheduling.resources import HEADROOM, gang_size, micro_batch_seqs
+
+    spec = load_spec(write(tmp_path, base() | {"data": {"max_bytes": 100_000}}))
+    planned = plan(spec)[0]
+    need = HEADROOM * estimate_memory_bytes(planned.trial.model, micro_batch_seqs(planned, spec.runtime))
+    declared = spec.resources.model_copy(update={"gpus": 4})
+    assert gang_size(planned, declared, spec.runtime, None) == 4
+    assert gang_size(planned, spec.resources, spec.runtime, None) == 1  # auto without GPUs: one process
+    assert gang_size(planned, spec.resources, spec.runtime, int(need * 1.01)) == 1
+    assert gang_size(planned, spec.resources, spec.runtime, int(need / 1.5)) == 2
+    assert gang_size(planned, spec.resources, spec.runtime, int(need / 3.5)) == 4
 
 
 def test_not_yaml_and_missing_file(tmp_path):

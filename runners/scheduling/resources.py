@@ -1,11 +1,14 @@
-"""What each Ray task asks for (CPUs, and a GPU share no smaller than its memory needs), and how many trials
-one task trains together as a pack.
+"""What each Ray task asks for (CPUs, and a GPU share no smaller than its memory needs, or a gang of workers),
+and how many trials one task trains together as a pack.
 
 Ray packs fractional GPU shares onto whole GPUs, so a share of 1/4 means four such tasks on one GPU;
 taking the share from the memory estimate means Ray never packs more tasks onto a GPU than it holds.
 A pack (sweeps/packs.py: trials of one model shape, data and schedule, differing in lr, seed or optimiser
 knobs) is one task that trains its members as one stacked model, so its kernels do the work of all of them:
 it asks for its members' memory together.
+A trial declared with gpus W >= 2, or one too big for one GPU under 'auto', runs as a gang of W workers
+(runners.scheduling.gang), each with resources.cpus and one GPU (or CPUs alone on a cluster without GPUs);
+a gang is never packed.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def micro_batch_seqs(planned: PlannedTrial, runtime: Runtime) -> int:
 
 
 def member_bytes(planned: PlannedTrial, runtime: Runtime) -> float:
-    """GPU memory one trial (or one member of a pack) needs, headroom included."""
+    """GPU memory one trial (or one member of a pack) needs on one process, headroom included."""
     return HEADROOM * estimate_memory_bytes(planned.trial.model, micro_batch_seqs(planned, runtime))
 
 
@@ -45,7 +48,7 @@ def gpu_share(planned: PlannedTrial, runtime: Runtime, declared: float | str, gp
     need = members * member_bytes(planned, runtime) / gpu_memory_bytes
     if need > 1.0:
         what = f"trial {planned.trial_id}" if members == 1 else f"a pack of {members} like trial {planned.trial_id}"
-        raise ValueError(f"{what} needs about {need:.1f} GPUs of memory; "
+        raise ValueError(f"{what} needs about {need:.1f} GPUs of memory; set resources.gpus 'auto' (a gang), "
                          "lower runtime.micro_batch_size or the model size")
     floor = 0.0 if declared == "auto" else float(declared)
     if floor >= 1.0:
@@ -53,9 +56,24 @@ def gpu_share(planned: PlannedTrial, runtime: Runtime, declared: float | str, gp
     return next(s for s in SHARES if s >= max(need, floor))
 
 
+def gang_size(planned: PlannedTrial, resources: Resources, runtime: Runtime, gpu_memory_bytes: int | None) -> int:
+    """Workers the trial runs as: the declared W, or under 'auto' on GPUs 1 while one GPU holds the trial, else
+    the fewest GPUs (a power of two) whose FSDP shards hold it. The shard rule divides the whole estimate by
+    W although activations do not shard: HEADROOM is what covers that, so prefer micro-batches that keep
+    activations small (runtime.micro_batch_size) for such trials."""
+    if resources.gpus != "auto" or not gpu_memory_bytes:
+        return resources.workers
+    need = member_bytes(planned, runtime) / gpu_memory_bytes
+    return 1 if need <= 1.0 else 2 ** math.ceil(math.log2(need))
+
+
 def ray_options(planned: PlannedTrial, resources: Resources, runtime: Runtime, gpu_memory_bytes: int | None,
                 members: int = 1) -> dict:
-    """Keyword arguments for `.options()` of the Ray task of the trial, or of a pack of `members` like it."""
+    """Keyword arguments for `.options()` of the Ray task of the trial, or of a pack of `members` like it. A
+    gang's task holds nothing itself (its workers do, through Ray Train); it is retried only when its own
+    process died."""
+    if gang_size(planned, resources, runtime, gpu_memory_bytes) > 1:
+        return {"num_cpus": 0, "num_gpus": 0, "max_retries": runtime.max_retries, "retry_exceptions": False}
     gpus = 0.0
     if gpu_memory_bytes:  # the cluster has GPUs: every task takes a share
         gpus = gpu_share(planned, runtime, resources.gpus, gpu_memory_bytes, members)

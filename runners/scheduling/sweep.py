@@ -5,11 +5,13 @@ own folder and logs into its own MLflow run, so what Tune adds (experiment state
 restore) would be a second record of progress next to MLflow's, and its restore resumes from the
 checkpoint it last recorded, one behind what is on disk. Tasks give what is needed: resource-based
 placement and packing (fractional GPUs), retries of a task whose worker died or raised, and
-cancellation.
+cancellation. A trial that spans several workers is one such task that starts a Ray Train gang
+(runners.scheduling.gang, which says why Ray Train there).
 
 Trials that differ only in lr, seed or optimiser knobs are packed (runtime.pack 'auto'; sweeps/packs.py,
 resources.packs): one task trains them as one stacked model. Every member keeps its own MLflow run (made
 here, as for a lone trial), checkpoint folder and status; a member already done is left out of its pack.
+A gang is never packed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import ray
 
 from runners.tracking import names
 from runners.scheduling.progress import Board, SweepProgress
-from runners.scheduling.resources import packs, ray_options
+from runners.scheduling.gang import Gang, run_gang
+from runners.scheduling.resources import gang_size, packs, ray_options
 from runners.scheduling.search import GridSource, Pruning, SearchSource, pruning_callback
 from runners.tracking.runs import SweepRuns, flatten, set_status
 from runners.scheduling.worker import NOSET_CUDA, PackJob, TrialJob, run_job, run_pack_job
@@ -146,18 +149,29 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
                     source.done(p, status, run.data.metrics.get(names.VAL_LOSS))
                 else:
                     todo.append((p, pruning))
-            tasks = [(pack, ray_options(pack[0][0], spec.resources, spec.runtime, gpu_mem, members=len(pack)))
-                     for pack in packs(todo, lambda item: item[0], spec.runtime, gpu_mem)]
-            if tasks and not refs and reuse:
-                warm_workers([options for _, options in tasks], runs.uri)
-            for pack, options in tasks:
+            tasks = []  # (members with their pruning, Ray options, the gang or None)
+            singles = []
+            for p, pruning in todo:
+                workers = gang_size(p, spec.resources, spec.runtime, gpu_mem)
+                if workers == 1:
+                    singles.append((p, pruning))
+                    continue
+                gang = Gang(workers, use_gpu=gpu_mem is not None and spec.runtime.device != "cpu",
+                            max_failures=spec.runtime.max_retries)
+                tasks.append(([(p, pruning)], ray_options(p, spec.resources, spec.runtime, gpu_mem), gang))
+            tasks += [(pack, ray_options(pack[0][0], spec.resources, spec.runtime, gpu_mem, members=len(pack)), None)
+                      for pack in packs(singles, lambda item: item[0], spec.runtime, gpu_mem)]
+            warm = [options for _, options, gang in tasks if gang is None]  # a gang's workers are Ray Train's
+            if warm and not refs and reuse:
+                warm_workers(warm, runs.uri)
+            for pack, options, gang in tasks:
                 members = [p for p, _ in pack]
                 jobs = [job(p) for p in members]
                 name = f"trial-{members[0].trial_id}" + (f"-pack{len(members)}" if len(members) > 1 else "")
                 one = jobs[0] if len(jobs) == 1 else PackJob(tuple(jobs))
                 pruning = {p.trial_id: pr for p, pr in pack if pr is not None}
                 refs[task.options(name=name, **options).remote(one, board, {p.trial_id: p.D for p in members},
-                                                               pruning)] = members
+                                                               pruning, gang)] = members
                 for p in members:
                     progress.submitted(p.trial_id, p.compute_exact)
 
@@ -217,8 +231,10 @@ def _warm(tracking_uri: str) -> int:
     return os.getpid()
 
 
-def _run_on_ray(job: TrialJob | PackJob, board, tokens_total: dict[str, int], pruning: dict[str, Pruning]) -> list[dict]:
-    """The task: a trial, or a pack of them, reporting progress to the board and each evaluation to its study."""
+def _run_on_ray(job: TrialJob | PackJob, board, tokens_total: dict[str, int], pruning: dict[str, Pruning],
+                gang: Gang | None) -> list[dict]:
+    """The task: a trial, a pack of them, or a gang's trial, reporting progress to the board and each evaluation
+    to its study."""
 
     def on_eval(trial_id: str):
         board.started.remote(trial_id)
@@ -232,7 +248,8 @@ def _run_on_ray(job: TrialJob | PackJob, board, tokens_total: dict[str, int], pr
 
     if isinstance(job, PackJob):
         return run_pack_job(job, on_eval)
-    return [run_job(job, on_eval=on_eval(Path(job.workdir).name))]
+    report = on_eval(Path(job.workdir).name)
+    return [run_gang(job, gang, on_eval=report) if gang else run_job(job, on_eval=report)]
 
 
 def _stop(refs: dict, board, ids: dict, runs: SweepRuns, outcome: SweepOutcome) -> None:

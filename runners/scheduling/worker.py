@@ -2,7 +2,9 @@
 up to date.
 
 The job carries the MLflow run ids the driver made, so a retried trial logs into the same runs and
-its training resumes from the checkpoint in its own folder; in a pack, every member does so on its own.
+its training resumes from the checkpoint in its own folder; in a pack, every member does so on its own. In a
+gang (runners.scheduling.gang) every rank runs run_job; rank 0 alone sets the statuses and logs, with tags for
+the group (world size, parallelism, each rank's process and node).
 """
 
 from __future__ import annotations
@@ -101,21 +103,50 @@ def where() -> dict[str, str]:
     return tags
 
 
+class NullSink:
+    """What the ranks other than 0 log into: nothing (rank 0 logs the group's numbers)."""
+
+    def log(self, metrics, tokens: int) -> None:
+        pass
+
+    def flush(self, timeout_s: float = 0.0) -> bool:
+        return True
+
+    def close(self) -> bool:
+        return True
+
+
+def group_tags(placed: list[dict[str, str]], runtime: Runtime) -> dict[str, str]:
+    """Where a trial's ranks run (`placed`: each rank's `where()`, in rank order), as tags: rank 0's own, and the group's."""
+    tags = placed[0] | {names.TAG_WORLD: str(len(placed)),
+                        names.TAG_PARALLEL: runtime.parallel if len(placed) > 1 else "none"}
+    if len(placed) > 1:
+        tags[names.TAG_RANK_WORKERS] = ",".join(p[names.TAG_WORKER] for p in placed)
+        tags[names.TAG_RANK_NODES] = ",".join(p[names.TAG_NODE] for p in placed)
+    return tags
+
+
 def run_job(job: TrialJob, on_eval=None) -> dict:
-    """Train one trial to the end (resuming if its folder holds a checkpoint); returns its TrialResult as a dict."""
+    """Train one trial to the end (resuming if its folder holds a checkpoint); returns its TrialResult as a dict.
+    In a gang, every rank calls this; rank 0's `on_eval` alone is asked (the group follows its answer)."""
+    from runners.training import parallel
     from runners.training.train import run_trial
 
     runtime, mlflow = _start(job)
+    group = parallel.current()
     trial = TrialConfig.model_validate_json(job.trial_json)
-    set_status(mlflow, job.run_id, names.RUNNING, **where())
+    placed = group.gather(where())
+    if group.main:
+        set_status(mlflow, job.run_id, names.RUNNING, **group_tags(placed, runtime))
     data = _open_data(trial, job.cache_dir)
-    sink, branch_sinks = _sinks(job)
+    sink, branch_sinks = _sinks(job, group.main)
     try:
         result = run_trial(trial, runtime, Path(job.workdir), sink, data=data,
-                           branch_sinks=branch_sinks.__getitem__, on_eval=on_eval)
+                           branch_sinks=branch_sinks.__getitem__, on_eval=on_eval if group.main else None)
     finally:
         _close([sink, *branch_sinks.values()])
-    _record(mlflow, job, result)
+    if group.main:
+        _record(mlflow, job, result)
     return dataclasses.asdict(result)
 
 
@@ -148,8 +179,11 @@ def _start(job: TrialJob) -> tuple[Runtime, MlflowClient]:
     """This process, ready for the job: the GPU Ray gave it, its CPU threads, the runtime and a tracking client."""
     import torch
 
+    from runners.training import parallel
+
     _quiet_mlflow_retries()
-    select_gpu()
+    if parallel.current().world == 1:
+        select_gpu()  # a gang's ranks were given theirs by Ray Train
     torch.set_num_threads(max(1, int(job.cpus)))
     return Runtime.model_validate_json(job.runtime_json), client(job.tracking_uri)
 
@@ -164,13 +198,16 @@ def _open_data(trial: TrialConfig, cache_dir: str | None):
     return data
 
 
-def _sinks(job: TrialJob) -> tuple[MlflowSink, dict[int, MlflowSink]]:
-    """The trial's run's sink and one per WSD branch run."""
-    return (MlflowSink(job.run_id, job.tracking_uri),
-            {d: MlflowSink(run_id, job.tracking_uri) for d, run_id in job.branch_run_ids.items()})
+def _sinks(job: TrialJob, main: bool = True) -> tuple[MlflowSink | NullSink, dict[int, MlflowSink | NullSink]]:
+    """The trial's run's sink and one per WSD branch run (NullSinks on a gang's ranks other than 0)."""
+
+    def sink_of(run_id: str):
+        return MlflowSink(run_id, job.tracking_uri) if main else NullSink()
+
+    return sink_of(job.run_id), {d: sink_of(run_id) for d, run_id in job.branch_run_ids.items()}
 
 
-def _close(sinks: list[MlflowSink]) -> None:
+def _close(sinks: list[MlflowSink | NullSink]) -> None:
     """Send what the sinks hold, and hand back what training left in this worker."""
     for s in sinks:
         s.close()

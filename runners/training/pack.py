@@ -1,8 +1,9 @@
 """Train a pack: trials of one shape as one stacked model in one process (issue 19).
 
 Each member is still a trial, with run_trial's semantics: its own batches (its seed's data order), lr
-schedule, evaluations at the same tokens, metrics under the same names, WSD branches, checkpoint in the plain
-format in its own workdir (so it resumes packed or alone), divergence and pruning, and result. Only the engine
+schedule, evaluations at the same tokens, metrics under the same names, WSD branches, checkpoints in its own
+workdir (runners.training.checkpoint: single-process DCP checkpoints of the plain model and make_optimizer's
+AdamW, so it resumes packed or alone), divergence and pruning, and result. Only the engine
 differs from run_trial's: the members' parameters are stacked (models.packed) and stepped by per-member
 AdamW (runners.training.packed_optim). Members that share the shape but not their progress on disk (a kill
 while their checkpoints were being written, or a member that ran alone) train as separate packs, one after
@@ -25,7 +26,7 @@ from runners.training.packed_optim import PackedAdamW
 from runners.training.result import TrialResult
 from runners.training.schedule import TrialSetupError
 from runners.training.step import Batch, accumulate_grads, evaluate, numerics, pick_device, wants_compile
-from runners.training.train import Sink, Stateful, Timeline, Trainer, check_setup
+from runners.training.train import Sink, Timeline, Trainer, check_setup
 from sweeps.packs import pack_key
 from sweeps.trial import Runtime, TrialConfig
 
@@ -61,20 +62,13 @@ def run_pack(members: list[Member], runtime: Runtime, *, data: TokenData) -> lis
 
 
 def _by_progress(timelines: list[Timeline]) -> list[list[Timeline]]:
-    """Members grouped by the (step, phase) of their checkpoint.pt (or none), in first-seen order."""
+    """Members grouped by the (step, phase) of their checkpoint LATEST (or none), in first-seen order."""
     groups: dict[tuple, list[Timeline]] = {}
     for t in timelines:
-        state = checkpoint.load(t.workdir / checkpoint.LATEST, torch.device("cpu"))
-        where = (-1, None) if state is None else (state["step"], state["branch"])
+        progress = checkpoint.progress(t.workdir, checkpoint.LATEST)
+        where = (-1, None) if progress is None else (progress["step"], progress["branch"])
         groups.setdefault(where, []).append(t)
     return list(groups.values())
-
-
-class _MemberView:
-    """Member i of a pack as a plain model or optimizer: state_dict and load_state_dict in the plain format."""
-
-    def __init__(self, save: Callable[[], dict], load: Callable[[dict], None]):
-        self.state_dict, self.load_state_dict = save, load
 
 
 class PackedEngine:
@@ -109,14 +103,15 @@ class PackedEngine:
         self.optimizer.step(torch.tensor(lrs, dtype=torch.float64, device=self.device))
         self.optimizer.zero_grad()
 
-    def evaluate(self, batches: list[Batch]) -> list[float]:
+    def evaluate(self, batches: list[Batch]) -> torch.Tensor:
         return evaluate(self.forward, batches, self.device)
 
-    def member(self, i: int) -> tuple[Stateful, Stateful]:
-        model = _MemberView(lambda: self.model.member_state_dict(i), lambda state: self.model.load_member(i, state))
-        optimizer = _MemberView(lambda: self.optimizer.member_state_dict(i, self.trains[i]),
-                                lambda state: self.optimizer.load_member(i, self.trains[i], state))
-        return model, optimizer
+    def member(self, i: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        return self.optimizer.member(i, self.trains[i])
+
+    def set_member(self, i: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model.load_member(i, model.state_dict())
+        self.optimizer.load_plain(i, model, optimizer)
 
     def freeze(self, i: int) -> None:
         self.optimizer.active[i] = False

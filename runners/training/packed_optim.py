@@ -7,8 +7,8 @@ make_optimizer's rule (runners.training.step.decays), applied to the plain names
 keep. A member whose `active` entry is False (diverged, pruned, or done) is frozen: its parameters and its
 optimizer state stay as they are.
 
-Members go in and out as plain torch.optim.AdamW state dicts (`member_state_dict`, `load_member`) of
-make_optimizer's optimizer, so a member's checkpoint resumes it packed or alone.
+Members go in and out as make_optimizer's plain torch.optim.AdamW (`member`, `load_plain`) or its state dicts
+(`member_state_dict`, `load_member`), so a member's checkpoint resumes it packed or alone.
 """
 
 from __future__ import annotations
@@ -95,21 +95,29 @@ class PackedAdamW:
         model.load_state_dict(self.model.member_state_dict(i))
         return model, make_optimizer(model, train, self.step_count.device)
 
-    def member_state_dict(self, i: int, train: TrainConfig) -> dict:
-        """Member i's optimizer state as make_optimizer's AdamW over its plain model would hold it."""
+    def member(self, i: int, train: TrainConfig) -> tuple[nn.Module, torch.optim.AdamW]:
+        """Member i as a plain model and make_optimizer's AdamW over it, holding the member's optimizer state."""
         model, optimizer = self._plain(i, train)
         if self.step_count[i] > 0:
             for name, p in model.named_parameters():
                 optimizer.state[p] = {"step": torch.tensor(float(self.step_count[i])),
                                       "exp_avg": self.exp_avg[name][i].clone(),
                                       "exp_avg_sq": self.exp_avg_sq[name][i].clone()}
-        return optimizer.state_dict()
+        return model, optimizer
 
-    @torch.no_grad()
+    def member_state_dict(self, i: int, train: TrainConfig) -> dict:
+        """Member i's optimizer state as make_optimizer's AdamW over its plain model would hold it."""
+        return self.member(i, train)[1].state_dict()
+
     def load_member(self, i: int, train: TrainConfig, state: dict) -> None:
         """Take member i's optimizer state from a plain AdamW state dict (of make_optimizer's layout)."""
         model, optimizer = self._plain(i, train)
         optimizer.load_state_dict(state)
+        self.load_plain(i, model, optimizer)
+
+    @torch.no_grad()
+    def load_plain(self, i: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Take member i's optimizer state from `optimizer`, an AdamW over `model` (a plain twin of the pack's)."""
         params = dict(model.named_parameters())
         loaded = [optimizer.state.get(params[name], {}) for name in self.params]
         self.step_count[i] = float(loaded[0]["step"]) if loaded[0] else 0.0

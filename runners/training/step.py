@@ -98,11 +98,14 @@ def accumulate_grads(model: nn.Module, micro_batches: Sequence[Batch], device: t
     n = len(micro_batches)
     loss_sum = torch.zeros((), device=device)
     router: dict[str, torch.Tensor] = {}
-    for x, y in micro_batches:
-        with autocast(device):
-            out = model(x, y)
-        # a pack's loss is one per member [K]: the gradient of their sum is each member's own
-        ((out.loss + out.aux_loss) / n).sum().backward()
+    for i, (x, y) in enumerate(micro_batches):
+        # Under DDP, gradients are all-reduced once a step, after the last micro-batch.
+        quiet = model.no_sync() if i < n - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with quiet:
+            with autocast(device):
+                out = model(x, y)
+            # a pack's loss is one per member [K]: the gradient of their sum is each member's own
+            ((out.loss + out.aux_loss) / n).sum().backward()
         loss_sum = loss_sum + out.loss.detach().float()
         for key, value in out.router.items():
             router[key] = router.get(key, 0.0) + value.detach().float() / n
@@ -120,9 +123,10 @@ def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, lr: float, 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> list[float]:
-    """Mean cross-entropy in nats per token over every token of `batches` (one sync at the end): one value, or
-    one per member of a pack (batches [K, sequences, seq_len])."""
+def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> torch.Tensor:
+    """[summed cross-entropy in nats, tokens] over every token of `batches`, float64 on the device (sums, so
+    that a group's shares add up; their ratio is the mean loss per token): shape [2], or [2, K] for a pack
+    (batches [K, sequences, seq_len]; tokens per member)."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -133,4 +137,4 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -
             total = total + model(x, y).loss.double() * tokens
         count += tokens
     model.train(was_training)
-    return (total / count).reshape(-1).tolist()
+    return torch.stack([total, torch.full_like(total, float(count))])

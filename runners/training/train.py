@@ -1,13 +1,13 @@
 """Train one trial: the main run, its WSD decay branches, evaluations, checkpoints and divergence.
 
 The timeline is one sequence of optimizer steps. A WSD branch shares the main run's steps up to its
-fork, so when the main run reaches a fork it saves its state (`fork.pt`), trains the branch from
+fork, so when the main run reaches a fork it saves its state (checkpoint FORK), trains the branch from
 there to the branch's end under the branch's decay, evaluates it (a final point of its own), then
 reloads the fork state and carries on. Training batches depend only on the step and the seed, so a
 branch sees exactly the data of a standalone run of its length, and a resumed trial the data it
 would have seen.
 
-`checkpoint.pt` always holds where the trial is: the phase (main run or which branch), the step,
+Checkpoint LATEST always holds where the trial is: the phase (main run or which branch), the step,
 the branches finished so far, and the divergence tracker. A trial that is killed or cancelled
 (KeyboardInterrupt, as Ray delivers it) starts again from there and ends with the same numbers
 (bit for bit on the CPU; on the GPU up to the nondeterminism of its kernels). `result.json` marks a
@@ -17,6 +17,11 @@ Divergence (a NaN or Inf train loss, or one over `spike_threshold` x the running
 warm-up) is checked whenever losses reach the host, at each logged point and checkpoint; it ends the
 whole trial, also when it happens in a branch. In a pack it ends that member, which is frozen while the
 others go on; so does pruning.
+
+A trial may be trained by a group of processes (runners.training.parallel: Ray Train starts them, with the
+process group set up): each rank trains on its share of every batch, losses and evaluations are the
+group's, and rank 0 alone logs and writes the result; at world size 1 nothing of that runs. A pack is one
+process: its members are never a gang.
 
 Logged curves (step = tokens seen on that curve): train loss every `plan.log_every` steps and at
 every evaluation and checkpoint, with lr, exact FLOPs to reach that point on that curve, tokens/s,
@@ -33,7 +38,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -41,7 +46,7 @@ import torch
 from models import build_model, flops_per_token
 from runners.data.store import TokenData
 from runners.tracking import names
-from runners.training import checkpoint
+from runners.training import checkpoint, parallel
 from runners.training.result import BranchResult, TrialResult
 from runners.training.schedule import Plan, TrialSetupError, lr_at, plan_trial
 from runners.training.step import (Batch, accumulate_grads, apply_update, evaluate, make_optimizer, numerics, peak_flops,
@@ -58,12 +63,6 @@ class Sink(Protocol):
     def flush(self, timeout_s: float) -> bool: ...  # True when everything logged so far is stored
 
 
-class Stateful(Protocol):
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
-
-
 class Engine(Protocol):
     """How the members of one timeline compute (a plain model, or a pack: runners.training.pack)."""
 
@@ -75,9 +74,13 @@ class Engine(Protocol):
 
     def update(self, lrs: Sequence[float]) -> None: ...  # clip, step at each member's lr, clear the gradients
 
-    def evaluate(self, batches: list[Batch]) -> list[float]: ...
+    def evaluate(self, batches: list[Batch]) -> torch.Tensor: ...  # runners.training.step.evaluate's sums
 
-    def member(self, i: int) -> tuple[Stateful, Stateful]: ...  # member i's model and optimizer, plain format
+    # Member i as a plain model and make_optimizer's optimizer (what its checkpoint holds, so that it resumes
+    # packed or alone), and member i taken back from such a pair.
+    def member(self, i: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]: ...
+
+    def set_member(self, i: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
 
     def freeze(self, i: int) -> None: ...  # member i takes no more updates
 
@@ -99,7 +102,7 @@ class Timeline:
     sink: Sink
     branch_sinks: Callable[[int], Sink]
     on_eval: Callable[[int, float], bool] | None = None
-    # Progress, saved in its checkpoint.pt.
+    # Progress, saved in its checkpoints.
     branches_done: list[dict] = dataclasses.field(default_factory=list)
     loss_min: float = math.inf
     pending: list[float] = dataclasses.field(default_factory=list)  # train losses since the last logged point
@@ -114,16 +117,18 @@ class Timeline:
         done = self.workdir / RESULT
         return _result_from_json(done.read_text()) if done.exists() else None
 
-    def write_result(self, result: TrialResult) -> None:
-        """Mark the trial ended: its points stored, result.json written, its checkpoints deleted."""
+    def write_result(self, result: TrialResult, group: parallel.Group) -> None:
+        """Mark the trial ended: its points stored, result.json written (by rank 0), its checkpoints deleted."""
         self.result = result
         make_durable(self.sinks())
+        group.barrier()  # every rank is done with the checkpoints before they go
+        if not group.main:
+            return
         done = self.workdir / RESULT
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(dataclasses.asdict(result)))
         os.replace(tmp, done)
-        for name in (checkpoint.LATEST, checkpoint.FORK):  # the result stands for them now; free the disk
-            (self.workdir / name).unlink(missing_ok=True)
+        checkpoint.discard(self.workdir)  # the result stands for them now; free the disk
 
 
 def run_trial(trial: TrialConfig, runtime: Runtime, workdir: Path, sink: Sink, *, data: TokenData,
@@ -134,14 +139,16 @@ def run_trial(trial: TrialConfig, runtime: Runtime, workdir: Path, sink: Sink, *
     done = timeline.done_result()
     if done is not None:
         return done
-    check_setup(trial, runtime, data)
+    group = parallel.current()
+    check_setup(trial, runtime, data, group.world)
     device = pick_device(runtime)
-    return Trainer([timeline], PlainEngine(trial, runtime, device), runtime, data, device).run()[0]
+    engine = PlainEngine(trial, runtime, device, group)
+    return Trainer([timeline], engine, runtime, data, device, group).run()[0]
 
 
-def check_setup(trial: TrialConfig, runtime: Runtime, data: TokenData) -> Plan:
-    """The trial's plan; TrialSetupError (naming the field and the fix) when it cannot start."""
-    plan = plan_trial(trial, runtime)
+def check_setup(trial: TrialConfig, runtime: Runtime, data: TokenData, world: int = 1) -> Plan:
+    """The trial's plan on `world` ranks; TrialSetupError (naming the field and the fix) when it cannot start."""
+    plan = plan_trial(trial, runtime, world)
     if data.vocab_size > trial.model.vocab_size:
         raise TrialSetupError(f"model.vocab_size {trial.model.vocab_size} is smaller than the data's "
                               f"vocabulary ({data.vocab_size}); set it to at least {data.vocab_size}")
@@ -155,16 +162,18 @@ def _result_from_json(text: str) -> TrialResult:
 
 
 class PlainEngine:
-    """One trial, one model: the model of models.model, make_optimizer's AdamW."""
+    """One trial, one model: the model of models.model, make_optimizer's AdamW; on a group of ranks, wrapped by
+    runners.training.parallel (DDP, or FSDP2 sharding it in place)."""
 
-    def __init__(self, trial: TrialConfig, runtime: Runtime, device: torch.device):
+    def __init__(self, trial: TrialConfig, runtime: Runtime, device: torch.device, group: parallel.Group):
         self.device, self.train = device, trial.train
         torch.manual_seed(trial.train.seed)
         self.model = build_model(trial.model, init_std=trial.train.init_std).to(device)
         self.model.loss_chunk, self.model.bf16_residual = runtime.loss_chunk, runtime.bf16_residual
         flash4 = wants_flash4(runtime, device, trial.model)
         self.model.use_flash4(flash4)
-        self.forward = torch.compile(self.model) if wants_compile(runtime, device) else self.model
+        wrapped = parallel.wrap(self.model, runtime, device, group)
+        self.forward = torch.compile(wrapped) if wants_compile(runtime, device) else wrapped
         self.numerics = numerics(runtime, device, flash4)
         self.optimizer = make_optimizer(self.model, trial.train, device)
 
@@ -179,11 +188,14 @@ class PlainEngine:
     def update(self, lrs: Sequence[float]) -> None:
         apply_update(self.model, self.optimizer, lrs[0], self.train.grad_clip)
 
-    def evaluate(self, batches: list[Batch]) -> list[float]:
+    def evaluate(self, batches: list[Batch]) -> torch.Tensor:
         return evaluate(self.forward, batches, self.device)
 
-    def member(self, i: int) -> tuple[Stateful, Stateful]:
+    def member(self, i: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         return self.model, self.optimizer
+
+    def set_member(self, i: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        pass  # member() gave the engine's own model and optimizer: loaded in place
 
     def freeze(self, i: int) -> None:
         pass  # the only member: its timeline ends with it
@@ -193,17 +205,19 @@ class Trainer:
     """Members on one timeline of optimizer steps: they step, evaluate, fork and checkpoint together."""
 
     def __init__(self, members: list[Timeline], engine: Engine, runtime: Runtime, data: TokenData,
-                 device: torch.device):
-        self.members, self.engine, self.data, self.device = members, engine, data, device
+                 device: torch.device, group: parallel.Group = parallel.Group()):
+        self.members, self.engine, self.data, self.device, self.group = members, engine, data, device, group
         first = members[0].trial
-        self.plan: Plan = plan_trial(first, runtime)
+        self.plan: Plan = plan_trial(first, runtime, group.world)
         self.seq_len = first.model.seq_len
         self.checkpoint_every_s = runtime.checkpoint_every_s
         self.flops_per_token = flops_per_token(first.model).train_exact
-        self.peak = peak_flops(device)
+        peak = peak_flops(device)
+        self.peak = peak * group.world if peak else None  # the group's: MFU and tokens/s are the group's
         val = data.val_batches(self.seq_len, first.data.val_tokens, self.plan.micro_seqs)
-        self.val = [engine.stack([self._to_device(x, y)] * len(members)) for x, y in val]
-        # Progress of the timeline, saved in each member's checkpoint.pt.
+        self.val = [engine.stack([batch] * len(members))
+                    for batch in parallel.val_share([self._to_device(x, y) for x, y in val], group)]
+        # Progress of the timeline, saved in each member's checkpoints.
         self.step = 0
         self.branch: int | None = None  # index into plan.branches while training that branch
         # This attempt only.
@@ -235,7 +249,7 @@ class Trainer:
             self._save_if_sound()
             raise
         for i, member in self.active:
-            member.write_result(self._result(member, names.FINISHED))
+            member.write_result(self._result(member, names.FINISHED), self.group)
         return [member.result for member in self.members]
 
     def _advance(self) -> bool:
@@ -260,9 +274,17 @@ class Trainer:
             self._flush()
         if self.branch is None and self.step in plan.eval_steps:
             self._evaluate_main()
-        if time.monotonic() - self.last_checkpoint >= self.checkpoint_every_s:
+        if self._checkpoint_due():
             self._save()
         return True
+
+    def _checkpoint_due(self) -> bool:
+        due = time.monotonic() - self.last_checkpoint >= self.checkpoint_every_s
+        if self.group.world == 1:
+            return due
+        # A checkpoint is collective, so the ranks take rank 0's clock; asked at logged steps only, which
+        # wait for the device anyway (the losses come to the host there).
+        return self.step % self.plan.log_every == 0 and self.group.from_main(due)
 
     def _train_step(self) -> None:
         branch = self.plan.branches[self.branch] if self.branch is not None else None
@@ -277,14 +299,14 @@ class Trainer:
     def _end(self, i: int, status: str, diverged_at: int | None = None, error: str | None = None) -> None:
         """Member i stops here (diverged or pruned): its result is written and it takes no more updates."""
         self.engine.freeze(i)
-        self.members[i].write_result(self._result(self.members[i], status, diverged_at, error))
+        self.members[i].write_result(self._result(self.members[i], status, diverged_at, error), self.group)
 
     # --- phases ---------------------------------------------------------------------------------
 
     def _fork(self, index: int) -> None:
         self._flush()
-        for i, member in self.active:
-            checkpoint.save(self._state(i), member.workdir / checkpoint.FORK)
+        for i, _ in self.active:
+            self._checkpoint(i, checkpoint.FORK)
         self.branch = index
         self._save()
 
@@ -300,7 +322,7 @@ class Trainer:
         for i, member in self.active:
             # The fork's state holds the divergence tracker too: the branch's decayed, lower losses must
             # not become the minimum that the main run's losses are held against.
-            self._load(i, checkpoint.load(member.workdir / checkpoint.FORK, self.device))
+            self._load(i, checkpoint.FORK)
             member.branches_done = done[i]
         self.consistent = True
         self._save()
@@ -312,16 +334,17 @@ class Trainer:
         for i, member in self.active:
             member.final_val = [losses[i], self._bpb(losses[i])]
             member.sink.log({names.VAL_LOSS: losses[i], names.VAL_BPB: member.final_val[1]}, tokens)
-            if member.on_eval is not None and member.on_eval(tokens, losses[i]) and self.step < self.plan.total_steps:
+            asked = member.on_eval is not None and member.on_eval(tokens, losses[i])
+            if self.group.from_main(asked) and self.step < self.plan.total_steps:  # the pruner asks rank 0
                 self._end(i, names.PRUNED, error=f"pruned at {tokens} tokens (val loss {losses[i]:.4f})")
 
     # --- evaluation and logging -----------------------------------------------------------------
 
     def _validate(self) -> list[float]:
         started = time.perf_counter()
-        losses = self.engine.evaluate(self.val)
+        total, count = self.group.sum(self.engine.evaluate(self.val))
         self.clock += time.perf_counter() - started  # evaluation time is not training time
-        return losses
+        return (total / count).reshape(-1).tolist()
 
     def _bpb(self, loss: float) -> float:
         return loss / math.log(2) / self.data.val_bytes_per_token
@@ -330,7 +353,7 @@ class Trainer:
         """Bring the step losses to the host and check each member's for divergence."""
         if not self.unsynced:
             return
-        losses = torch.stack(self.unsynced).tolist()  # [steps][members]
+        losses = self.group.mean(torch.stack(self.unsynced)).tolist()  # [steps][members], the group's means
         first = self.step - len(losses)
         self.unsynced = []
         self.interval_tokens += len(losses) * self.plan.batch_size
@@ -386,24 +409,24 @@ class Trainer:
         """Each member's router statistics (the step's, per layer) as floats, in one transfer."""
         if not self.router:
             return [{} for _ in self.members]
-        values = torch.stack([v.reshape(-1) for v in self.router.values()]).tolist()  # [statistics][members]
+        values = self.group.mean(torch.stack([v.reshape(-1) for v in self.router.values()])).tolist()  # [statistics][members]
         keys = [names.ROUTER_PREFIX + k for k in self.router]
         return [dict(zip(keys, column)) for column in zip(*values)]
 
     # --- checkpoints ----------------------------------------------------------------------------
 
-    def _state(self, i: int) -> dict[str, Any]:
+    def _checkpoint(self, i: int, name: str) -> None:
         member = self.members[i]
-        return checkpoint.capture(*self.engine.member(i), step=self.step, branch=self.branch,
-                                  branches_done=member.branches_done, loss_min=member.loss_min,
-                                  pending=member.pending, final_val=member.final_val)
+        progress = {"step": self.step, "branch": self.branch, "branches_done": member.branches_done,
+                    "loss_min": member.loss_min, "pending": member.pending, "final_val": member.final_val}
+        checkpoint.save(member.workdir, name, *self.engine.member(i), progress, self.group)
 
     def _save(self) -> None:
         started = time.perf_counter()
         self._sync()
         for i, member in self.active:
             make_durable(member.sinks())
-            checkpoint.save(self._state(i), member.workdir / checkpoint.LATEST)
+            self._checkpoint(i, checkpoint.LATEST)
         self.last_checkpoint = time.monotonic()
         self.clock += time.perf_counter() - started
 
@@ -412,9 +435,12 @@ class Trainer:
         if self.consistent:
             self._save()
 
-    def _load(self, i: int, state: dict[str, Any]) -> None:
-        """Member i from its checkpoint; the first member loaded sets the timeline's step and phase."""
-        progress = checkpoint.restore(state, *self.engine.member(i))
+    def _load(self, i: int, name: str) -> None:
+        """Member i from its checkpoint `name` (there is one); the first member loaded sets the timeline's step
+        and phase."""
+        model, optimizer = self.engine.member(i)
+        progress = checkpoint.load(self.members[i].workdir, name, model, optimizer, self.group, self.device)
+        self.engine.set_member(i, model, optimizer)
         member = self.members[i]
         if i != self.active[0][0] and (progress["step"], progress["branch"]) != (self.step, self.branch):
             raise ValueError(f"{member.workdir}: checkpoint at step {progress['step']}, branch {progress['branch']}, "
@@ -425,14 +451,14 @@ class Trainer:
         self.unsynced = []
 
     def _resume(self) -> None:
-        """Every member from its checkpoint.pt; they must all have one (at one step and phase) or none."""
-        states = {i: checkpoint.load(member.workdir / checkpoint.LATEST, self.device) for i, member in self.active}
-        if len({state is None for state in states.values()}) > 1:
+        """Every member from its checkpoint LATEST; they must all have one (at one step and phase) or none."""
+        saved = {i: checkpoint.progress(member.workdir, checkpoint.LATEST) is not None for i, member in self.active}
+        if len(set(saved.values())) > 1:
             raise ValueError("some members of the pack have a checkpoint and some not; pack them by progress "
                              "(runners.training.pack.run_pack does)")
-        for i, state in states.items():
-            if state is not None:
-                self._load(i, state)
+        for i, has in saved.items():
+            if has:
+                self._load(i, checkpoint.LATEST)
         self.clock = time.perf_counter()
 
     # --- data -----------------------------------------------------------------------------------
@@ -444,11 +470,12 @@ class Trainer:
         return x, y
 
     def _micro_batches(self, step: int) -> list[Batch]:
-        """Each member's batch of the step (a function of step and its seed alone), as one input cut into
-        micro-batches along the sequences."""
+        """Each member's batch of the step (a function of step and its seed alone; on a group, this rank's share
+        of it), as one input cut into micro-batches along the sequences."""
         plan = self.plan
+        first, count = parallel.rank_slice(plan.seqs_per_step, self.group)  # this rank's share of the batch
         x, y = self.engine.stack([
-            self._to_device(*self.data.train_batch(step * plan.seqs_per_step, plan.seqs_per_step, self.seq_len,
+            self._to_device(*self.data.train_batch(step * plan.seqs_per_step + first, count, self.seq_len,
                                                    member.trial.train.seed))
             for member in self.members])
         return list(zip(x.split(plan.micro_seqs, dim=-2), y.split(plan.micro_seqs, dim=-2)))
