@@ -1,6 +1,7 @@
 """Trials that span two workers (a Ray Train gang of gloo CPU ranks) through `scaling run`, with real Ray and
-real MLflow: a 2-worker FSDP trial ends at the 1-worker trial's loss; a SIGKILLed rank restarts the group from
-the trial's DCP checkpoint and it ends at the same loss, no point logged twice; on two nodes the ranks span both."""
+real MLflow, in one run (each start of Ray costs tens of seconds): on two nodes the ranks span both; a SIGKILLed
+rank restarts the group from the trial's DCP checkpoint; the 2-worker FSDP trial ends at the 1-worker trial's
+loss, no point logged twice."""
 
 from __future__ import annotations
 
@@ -50,48 +51,11 @@ def single_loss(tmp_path_factory):
     return result.final_val_loss
 
 
-def test_two_worker_fsdp_trial_ends_at_the_single_process_loss(tmp_path, sqlite_uri, local_ray, single_loss):
-    assert main(["run", str(tiny_spec(tmp_path, name="gang", grid=ONE_TRIAL, **GANG)), "--no-fit"]) == 0
-    run = only_trial("gang", sqlite_uri)
-    tags = run.data.tags
-    assert tags[names.TAG_STATUS] == names.FINISHED
-    assert tags[names.TAG_WORLD] == "2" and tags[names.TAG_PARALLEL] == "fsdp"
-    assert len(set(tags[names.TAG_RANK_WORKERS].split(","))) == 2  # two processes trained it, one run holds it
-    assert run.data.metrics[names.VAL_LOSS] == pytest.approx(single_loss, rel=RTOL)
-    every_point_once(SweepRuns("gang", sqlite_uri), run.info.run_id)
-
-
-def test_a_killed_rank_restarts_the_gang_from_its_checkpoint(tmp_path, sqlite_uri, local_ray, single_loss):
-    spec = tiny_spec(tmp_path, name="killrank", grid=ONE_TRIAL, **GANG)
-    address = local_ray.get_runtime_context().gcs_address
-    driver = start_driver(spec, sqlite_uri, "--no-fit", "--address", address)
-    folder = tmp_path / "ckpt" / "killrank"
-
-    def running_with_checkpoint():
-        runs = trial_runs("killrank", sqlite_uri)
-        run = next(iter(runs.values()), None)
-        if run and names.TAG_RANK_WORKERS in run.data.tags and any(folder.glob("*/checkpoint.json")):
-            return run
-        return None
-
-    try:
-        victim = wait_for(running_with_checkpoint, 300, every_s=0.2)
-        rank1 = int(victim.data.tags[names.TAG_RANK_WORKERS].split(",")[1].rsplit(":", 1)[1])
-        os.kill(rank1, signal.SIGKILL)
-        out, _ = driver.communicate(timeout=600)
-    finally:
-        driver.kill()
-    assert driver.returncode == 0, out
-    run = only_trial("killrank", sqlite_uri)
-    assert run.info.run_id == victim.info.run_id and run.data.tags[names.TAG_STATUS] == names.FINISHED
-    assert run.data.tags[names.TAG_RANK_WORKERS] != victim.data.tags[names.TAG_RANK_WORKERS]  # a new group finished it
-    assert run.data.metrics[names.VAL_LOSS] == pytest.approx(single_loss, rel=RTOL)
-    steps = every_point_once(SweepRuns("killrank", sqlite_uri), run.info.run_id)
-    assert steps[-1] == int(run.data.params[names.PARAM_D])  # the curve goes on to the end
-
-
-def test_a_gang_spans_two_nodes(tmp_path, sqlite_uri, monkeypatch):
-    """Two nodes of one CPU each: a gang of two one-CPU workers can only start with a rank on each."""
+def test_a_two_node_fsdp_gang_survives_a_killed_rank_and_ends_at_the_single_process_loss(tmp_path, sqlite_uri,
+                                                                                          monkeypatch, single_loss):
+    """One run proves it all: two nodes of one CPU each, so the gang of two one-CPU workers can only start with a
+    rank on each; rank 1 is SIGKILLed once a checkpoint is there, the group restarts from it, and the trial ends
+    in the same MLflow run at the single process's loss, every point logged once."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -99,12 +63,33 @@ def test_a_gang_spans_two_nodes(tmp_path, sqlite_uri, monkeypatch):
     monkeypatch.delenv(NOSET_CUDA, raising=False)
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
+    spec = tiny_spec(tmp_path, name="gang", grid=ONE_TRIAL, **GANG)
+    folder = tmp_path / "ckpt" / "gang"
+
+    def running_with_checkpoint():
+        run = next(iter(trial_runs("gang", sqlite_uri).values()), None)
+        if run and names.TAG_RANK_WORKERS in run.data.tags and any(folder.glob("*/checkpoint.json")):
+            return run
+        return None
+
+    driver = start_driver(spec, sqlite_uri, "--no-fit", "--address", cluster.address)
     try:
-        spec = tiny_spec(tmp_path, name="twonodegang", grid={"sizes": [3000], "tokens": [20_000]}, **GANG)
-        assert main(["run", str(spec), "--address", cluster.address, "--no-fit"]) == 0
-        run = only_trial("twonodegang", sqlite_uri)
-        assert run.data.tags[names.TAG_STATUS] == names.FINISHED
-        assert len(set(run.data.tags[names.TAG_RANK_NODES].split(","))) == 2
+        victim = wait_for(running_with_checkpoint, 300, every_s=0.2)
+        rank1 = int(victim.data.tags[names.TAG_RANK_WORKERS].split(",")[1].rsplit(":", 1)[1])
+        os.kill(rank1, signal.SIGKILL)
+        out, _ = driver.communicate(timeout=600)
     finally:
+        driver.kill()
         ray.shutdown()
         cluster.shutdown()
+    assert driver.returncode == 0, out
+    run = only_trial("gang", sqlite_uri)
+    tags = run.data.tags
+    assert run.info.run_id == victim.info.run_id and tags[names.TAG_STATUS] == names.FINISHED
+    assert tags[names.TAG_WORLD] == "2" and tags[names.TAG_PARALLEL] == "fsdp"
+    assert len(set(tags[names.TAG_RANK_NODES].split(","))) == 2  # the ranks span both nodes
+    assert len(set(tags[names.TAG_RANK_WORKERS].split(","))) == 2  # two processes trained it, one run holds it
+    assert tags[names.TAG_RANK_WORKERS] != victim.data.tags[names.TAG_RANK_WORKERS]  # a new group finished it
+    assert run.data.metrics[names.VAL_LOSS] == pytest.approx(single_loss, rel=RTOL)
+    steps = every_point_once(SweepRuns("gang", sqlite_uri), run.info.run_id)
+    assert steps[-1] == int(run.data.params[names.PARAM_D])  # the curve goes on to the end
