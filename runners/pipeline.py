@@ -18,7 +18,7 @@ from fitting.errors import FitInputError
 from runners.tracking import names
 from runners.tracking.collect import collect_points
 from runners.data.store import content_hash, prepare_data, vocab_size_of
-from runners.scheduling.resources import pack_capacity, packs
+from runners.scheduling.resources import gang_size, pack_capacity, tasks
 from runners.scheduling.search import GridSource, SearchSource
 from runners.scheduling.sweep import SweepOutcome, connect, run_trials
 from runners.tracking.runs import SweepRuns
@@ -94,13 +94,15 @@ def _device(spec: SweepSpec) -> str:
 def _plan_packs(spec: SweepSpec, planned: list[PlannedTrial]) -> dict[str, tuple[int, int]]:
     """trial id -> (pack number from 1, pack size), as the run will pack the grid (its memory cap only where
     resources.gpu_memory_gb says the GPU's memory). A search row stands for its study's trials asked at once:
-    a pack of search.parallel (capped) when only lr is searched, one each when batch size is."""
+    a pack of search.parallel (capped) when only lr is searched, one each when batch size is. A gang is never
+    packed."""
     gpu_mem = int(spec.resources.gpu_memory_gb * 2**30) if spec.resources.gpu_memory_gb else None
     if spec.search is None:
-        grouped = packs(planned, lambda p: p, spec.runtime, gpu_mem)
+        grouped = tasks(planned, lambda p: p, spec.resources, spec.runtime, gpu_mem)
         return {p.trial_id: (n, len(pack)) for n, pack in enumerate(grouped, 1) for p in pack}
     size = 1 if spec.search.batch_size else spec.search.parallel
-    return {p.trial_id: (n, min(size, pack_capacity(p, spec.runtime, gpu_mem))) for n, p in enumerate(planned, 1)}
+    return {p.trial_id: (n, 1 if gang_size(p, spec.resources, spec.runtime, gpu_mem) > 1 else
+                         min(size, pack_capacity(p, spec.runtime, gpu_mem))) for n, p in enumerate(planned, 1)}
 
 
 def plan_table(spec: SweepSpec, planned: list[PlannedTrial]) -> pd.DataFrame:

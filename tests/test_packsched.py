@@ -9,7 +9,7 @@ from rich.console import Console
 
 from runners import pipeline
 from runners.cli import main
-from runners.scheduling.resources import member_bytes, pack_capacity, packs, ray_options
+from runners.scheduling.resources import member_bytes, pack_capacity, packs, ray_options, tasks
 from sweeps.packs import pack_key
 from sweeps.spec import load_spec
 from tests.helpers import tiny_spec
@@ -38,6 +38,15 @@ def test_trials_of_one_shape_pack_up_to_max_pack_in_first_seen_order(tmp_path):
 def test_pack_off_is_one_task_per_trial_in_the_given_order(tmp_path):
     spec, trials = planned(tmp_path, runtime={"pack": "off"})
     assert packs(trials, lambda p: p, spec.runtime, None) == [[p] for p in trials]
+
+
+def test_a_gang_is_never_packed(tmp_path):
+    """Trials of gpus W >= 2 run as gangs (one process per rank): each is a task of its own, and the plan says K 1."""
+    spec, trials = planned(tmp_path, resources={"cpus": 1, "gpus": 2})
+    assert tasks(trials, lambda p: p, spec.resources, spec.runtime, None) == [[p] for p in trials]
+    assert set(pipeline.plan_table(spec, trials).pack_size) == {1}
+    spec, trials = planned(tmp_path)  # the same grid on one process each: packed
+    assert tasks(trials, lambda p: p, spec.resources, spec.runtime, None) == packs(trials, lambda p: p, spec.runtime, None)
 
 
 def test_moe_trials_go_alone(tmp_path):

@@ -104,3 +104,12 @@ def packs(items: Sequence[T], planned: Callable[[T], PlannedTrial], runtime: Run
     return [group[i:i + size] for group in groups
             for size in [pack_capacity(planned(group[0]), runtime, gpu_memory_bytes)]
             for i in range(0, len(group), size)]
+
+
+def tasks(items: Sequence[T], planned: Callable[[T], PlannedTrial], resources: Resources, runtime: Runtime,
+          gpu_memory_bytes: int | None) -> list[list[T]]:
+    """The items as the Ray tasks that train them: each gang alone (a gang is never packed), then the
+    single-process trials in packs."""
+    gang = [gang_size(planned(item), resources, runtime, gpu_memory_bytes) > 1 for item in items]
+    return ([[item] for item, g in zip(items, gang) if g]
+            + packs([item for item, g in zip(items, gang) if not g], planned, runtime, gpu_memory_bytes))

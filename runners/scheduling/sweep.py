@@ -9,7 +9,7 @@ cancellation. A trial that spans several workers is one such task that starts a 
 (runners.scheduling.gang, which says why Ray Train there).
 
 Trials that differ only in lr, seed or optimiser knobs are packed (runtime.pack 'auto'; sweeps/packs.py,
-resources.packs): one task trains them as one stacked model. Every member keeps its own MLflow run (made
+resources.tasks): one task trains them as one stacked model. Every member keeps its own MLflow run (made
 here, as for a lone trial), checkpoint folder and status; a member already done is left out of its pack.
 A gang is never packed.
 """
@@ -26,7 +26,8 @@ import ray
 from runners.tracking import names
 from runners.scheduling.progress import Board, SweepProgress
 from runners.scheduling.gang import Gang, run_gang
-from runners.scheduling.resources import gang_size, packs, ray_options
+from runners.scheduling import resources
+from runners.scheduling.resources import gang_size, ray_options
 from runners.scheduling.search import GridSource, Pruning, SearchSource, pruning_callback
 from runners.tracking.runs import SweepRuns, flatten, set_status
 from runners.scheduling.worker import NOSET_CUDA, PackJob, TrialJob, run_job, run_pack_job
@@ -150,17 +151,12 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
                 else:
                     todo.append((p, pruning))
             tasks = []  # (members with their pruning, Ray options, the gang or None)
-            singles = []
-            for p, pruning in todo:
-                workers = gang_size(p, spec.resources, spec.runtime, gpu_mem)
-                if workers == 1:
-                    singles.append((p, pruning))
-                    continue
+            for pack in resources.tasks(todo, lambda item: item[0], spec.resources, spec.runtime, gpu_mem):
+                first = pack[0][0]
+                workers = gang_size(first, spec.resources, spec.runtime, gpu_mem)
                 gang = Gang(workers, use_gpu=gpu_mem is not None and spec.runtime.device != "cpu",
-                            max_failures=spec.runtime.max_retries)
-                tasks.append(([(p, pruning)], ray_options(p, spec.resources, spec.runtime, gpu_mem), gang))
-            tasks += [(pack, ray_options(pack[0][0], spec.resources, spec.runtime, gpu_mem, members=len(pack)), None)
-                      for pack in packs(singles, lambda item: item[0], spec.runtime, gpu_mem)]
+                            max_failures=spec.runtime.max_retries) if workers > 1 else None
+                tasks.append((pack, ray_options(first, spec.resources, spec.runtime, gpu_mem, members=len(pack)), gang))
             warm = [options for _, options, gang in tasks if gang is None]  # a gang's workers are Ray Train's
             if warm and not refs and reuse:
                 warm_workers(warm, runs.uri)
