@@ -7,13 +7,17 @@ member axis; norms, RoPE and attention fold the members into the batch (SDPA see
 embedding gathers from the members' tables laid end to end; the loss is each member's own mean (a [K]
 vector), so the gradient of its sum is, for every member, exactly that member's gradient.
 
-Why explicit stacked modules rather than torch.func.stack_module_state + vmap(functional_call): vmap over
-SDPA and over the chunked loss's autograd.Function needs batching rules for both (the Function would need a
-vmap staticmethod), while bmm and folding are plain ops that eager and torch.compile take as they are; the
-stacked-model probe measured this form at 3-9x one model's tokens/s on an H200 (shared/FACTS.md). The vmap
-form was not measured.
+Why explicit stacked modules rather than torch.func.stack_module_state + vmap(functional_call): measured on
+the CPU (fp32, eager, one thread, K 8 members of d64 x 2 layers, 8 x 64 tokens each), both give each member's
+gradients exactly, and a forward and backward took 0.57 s here against 0.63 to 0.69 s under vmap, which has
+no batching rule for SDPA's CPU kernel (it falls back to a loop over members) and refuses the chunked loss's
+autograd.Function (models.loss: it would need setup_context and a vmap rule). bmm and folding are plain ops
+that eager and torch.compile take as they are; the stacked-model probe measured this form at 3-9x one
+model's tokens/s on an H200 (shared/FACTS.md).
 
-Dense only: MoE packs (the member index folded into the expert index) are not built yet.
+MoE layers route each member's tokens among its own experts: one sorted dispatch through K * E experts
+(`torch._grouped_mm` on the GPU), the member folded into the expert index. Noisy top-k is refused: a pack
+cannot draw the router noise each member would draw alone.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ModelConfig
+from models.accounting import is_moe_layer
+from models.config import ModelConfig, MoEConfig
 from models.layers import apply_rope, compute_dtype, rope_tables
 from models.loss import linear_cross_entropy
 from models.model import ModelOutput, Transformer
+from models.moe import MoE
 from models.swiglu import swiglu
 
 
@@ -50,7 +56,7 @@ class PackedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gain = self.weight.view(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1])
-        return F.rms_norm(x, (x.shape[-1],)) * gain
+        return (F.rms_norm(x, (x.shape[-1],)) * gain).type_as(x)  # x's dtype, as nn.RMSNorm gives under autocast
 
 
 class PackedAttention(nn.Module):
@@ -81,16 +87,39 @@ class PackedSwiGLU(nn.Module):
         return self.down(swiglu(self.gate_up(x)))
 
 
+class PackedMoE(MoE):
+    """K MoE layers: models.moe's routing and dispatch with each member's tokens routed among its own experts
+    (member m's expert e is group m * E + e of one sorted dispatch through K * E experts)."""
+
+    def __init__(self, k: int, d_model: int, d_ff: int, cfg: MoEConfig):
+        super().__init__(d_model, d_ff, cfg)
+        n_experts, width = cfg.n_experts * cfg.granularity, d_ff // cfg.granularity
+        self.router = PackedLinear(k, d_model, n_experts)
+        self.w_gate_up = nn.Parameter(torch.empty(k, n_experts, 2 * width, d_model))
+        self.w_down = nn.Parameter(torch.empty(k, n_experts, d_model, width))
+        self.shared = PackedSwiGLU(k, d_model, cfg.n_shared * width) if cfg.n_shared else None
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(x.float(), self.router.weight.float().transpose(1, 2))
+
+
 class PackedBlock(nn.Module):
-    def __init__(self, k: int, cfg: ModelConfig):
+    def __init__(self, k: int, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm, self.ffn_norm = PackedRMSNorm(k, cfg.d_model), PackedRMSNorm(k, cfg.d_model)
         self.attn = PackedAttention(k, cfg)
-        self.ffn = PackedSwiGLU(k, cfg.d_model, cfg.d_ff)
+        moe = is_moe_layer(cfg, layer)
+        self.ffn = PackedMoE(k, cfg.d_model, cfg.d_ff, cfg.moe) if moe else PackedSwiGLU(k, cfg.d_model, cfg.d_ff)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         x = x + self.attn(self.attn_norm(x))
-        return x + self.ffn(self.ffn_norm(x))
+        if isinstance(self.ffn, PackedMoE):
+            y, aux, stats = self.ffn(self.ffn_norm(x))
+            return x + y, aux, stats
+        return x + self.ffn(self.ffn_norm(x)), None, {}
 
 
 class PackedEmbedding(nn.Module):
@@ -107,18 +136,19 @@ class PackedEmbedding(nn.Module):
 
 
 class PackedTransformer(nn.Module):
-    """K members of one ModelConfig. forward(idx [K, B, T], targets [K, B, T]): loss is each member's [K]."""
+    """K members of one ModelConfig. forward(idx [K, B, T], targets [K, B, T]): loss, aux loss and router
+    statistics are each member's, [K]."""
 
     def __init__(self, cfg: ModelConfig, k: int):
         super().__init__()
-        if cfg.family != "dense":
-            raise ValueError(f"model.family {cfg.family!r}: packs train dense models only so far; "
-                             "set runtime.pack: off for MoE sweeps")
+        if cfg.moe is not None and cfg.moe.noise_std > 0:
+            raise ValueError(f"model.moe.noise_std {cfg.moe.noise_std}: a pack cannot draw each member's own "
+                             "router noise; set noise_std 0 or runtime.pack off")
         self.cfg, self.k = cfg, k
         self.loss_chunk: int | None = None  # as Transformer.loss_chunk and bf16_residual: how it runs
         self.bf16_residual = False
         self.embed = PackedEmbedding(k, cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(PackedBlock(k, cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(PackedBlock(k, cfg, i) for i in range(cfg.n_layers))
         self.norm = PackedRMSNorm(k, cfg.d_model)
         self.head = PackedLinear(k, cfg.d_model, cfg.vocab_size)
         if cfg.tie_embeddings:
@@ -149,18 +179,22 @@ class PackedTransformer(nn.Module):
         x = self.embed(idx)
         if self.bf16_residual:
             x = x.to(compute_dtype(x))
-        for block in self.blocks:
-            x = block(x)
+        aux = torch.zeros(self.k, device=idx.device)
+        router: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            x, layer_aux, stats = block(x)
+            if layer_aux is not None:
+                aux = aux + layer_aux
+            router |= {f"layer{i}/{name}": value for name, value in stats.items()}
         x = self.norm(x)
-        aux = torch.zeros(self.k, device=idx.device)  # no router: dense members
         K, B, T, D = x.shape
         if targets is not None and self.loss_chunk and torch.is_grad_enabled():
             loss = linear_cross_entropy(x.view(K, B * T, D), self.head.weight, targets.reshape(K, -1), self.loss_chunk)
-            return ModelOutput(logits=None, loss=loss, aux_loss=aux)
+            return ModelOutput(logits=None, loss=loss, aux_loss=aux, router=router)
         logits = self.head(x)
         loss = None
         if targets is not None:
             per_token = F.cross_entropy(logits.float().flatten(0, 2), targets.reshape(-1), reduction="none")
             loss = per_token.view(K, -1).mean(1)
-        return ModelOutput(logits=logits, loss=loss, aux_loss=aux)
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux, router=router)
 

@@ -80,7 +80,8 @@ class _MemberView:
 class PackedEngine:
     """K members as one stacked model (models.packed) with per-member AdamW (runners.training.packed_optim)."""
 
-    def __init__(self, trials: Sequence[TrialConfig], runtime: Runtime, device: torch.device):
+    def __init__(self, trials: Sequence[TrialConfig], runtime: Runtime, device: torch.device,
+                 compile_mode: str | None = None):
         self.device, self.trains = device, [t.train for t in trials]
         models = []
         for trial in trials:  # each member's initial weights as run_trial draws them
@@ -91,10 +92,11 @@ class PackedEngine:
         except ValueError as e:
             raise TrialSetupError(str(e)) from None
         self.model.loss_chunk, self.model.bf16_residual = runtime.loss_chunk, runtime.bf16_residual
-        self.forward = torch.compile(self.model) if wants_compile(runtime, device) else self.model
+        compiled = wants_compile(runtime, device)
+        self.forward = torch.compile(self.model, mode=compile_mode) if compiled else self.model
         # SDPA attention (FlashAttention-4 takes no member axis yet)
         self.numerics = f"{numerics(runtime, device, flash4=False)}, pack of {len(trials)}"
-        self.optimizer = PackedAdamW(self.model, self.trains)
+        self.optimizer = PackedAdamW(self.model, self.trains, compile=compiled)
 
     def stack(self, batches: Sequence[Batch]) -> Batch:
         return torch.stack([x for x, _ in batches]), torch.stack([y for _, y in batches])

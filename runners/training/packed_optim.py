@@ -28,7 +28,7 @@ CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coefficient max_norm / (nor
 
 
 class PackedAdamW:
-    def __init__(self, model: PackedTransformer, trains: Sequence[TrainConfig]):
+    def __init__(self, model: PackedTransformer, trains: Sequence[TrainConfig], compile: bool = False):
         if len(trains) != model.k:
             raise ValueError(f"{len(trains)} optimiser configs for a pack of {model.k}")
         device = next(model.parameters()).device
@@ -49,6 +49,8 @@ class PackedAdamW:
         self.active = torch.ones(model.k, dtype=torch.bool, device=device)
         self.exp_avg = {name: torch.zeros_like(p) for name, p in self.params.items()}
         self.exp_avg_sq = {name: torch.zeros_like(p) for name, p in self.params.items()}
+        if compile:  # a dozen small ops per parameter: launch-bound on a GPU unless compile fuses them
+            self.clip_grads, self.step = torch.compile(self.clip_grads), torch.compile(self.step)
 
     def clip_grads(self) -> None:
         """Scale each member's gradients to at most its grad_clip in global 2-norm, as clip_grad_norm_ does alone."""

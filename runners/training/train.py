@@ -366,8 +366,8 @@ class Trainer:
             self.timed = [self.timed[0] + self.interval_tokens, self.timed[1] + seconds]
         self.clock, self.interval_tokens = now, 0
         branch = self.plan.branches[self.branch] if self.branch is not None else None
-        router = dict(zip([names.ROUTER_PREFIX + k for k in self.router], self._host(self.router.values())))
-        for _, member in self.active:
+        router = self._router_by_member()
+        for i, member in self.active:
             cfg = member.trial.train
             metrics = {
                 names.TRAIN_LOSS: float(np.mean(member.pending)),
@@ -375,18 +375,20 @@ class Trainer:
                 names.FLOPS: self.flops_per_token * tokens,
                 names.TOKENS_PER_S: tokens_per_s,
                 names.EPOCHS: self.data.epochs(tokens, self.seq_len),
-                **router,
+                **router[i],
             }
             if self.peak:
                 metrics[names.MFU] = self.flops_per_token * tokens_per_s / self.peak
             (member.branch_sinks(branch.tokens) if branch else member.sink).log(metrics, tokens)
             member.pending = []
 
-    @staticmethod
-    def _host(values) -> list[float]:
-        """Scalars on the device as floats, in one transfer."""
-        values = list(values)
-        return torch.stack(values).tolist() if values else []
+    def _router_by_member(self) -> list[dict[str, float]]:
+        """Each member's router statistics (the step's, per layer) as floats, in one transfer."""
+        if not self.router:
+            return [{} for _ in self.members]
+        values = torch.stack([v.reshape(-1) for v in self.router.values()]).tolist()  # [statistics][members]
+        keys = [names.ROUTER_PREFIX + k for k in self.router]
+        return [dict(zip(keys, column)) for column in zip(*values)]
 
     # --- checkpoints ----------------------------------------------------------------------------
 
