@@ -49,8 +49,10 @@ def test_a_gang_is_never_packed(tmp_path):
     assert tasks(trials, lambda p: p, spec.resources, spec.runtime, None) == packs(trials, lambda p: p, spec.runtime, None)
 
 
-def test_moe_trials_go_alone(tmp_path):
+def test_moe_trials_pack_unless_their_routing_is_noisy(tmp_path):
     spec, trials = planned(tmp_path, model={"family": "moe", "moe": {"n_experts": 4, "top_k": 2}})
+    assert [len(g) for g in packs(trials, lambda p: p, spec.runtime, None)] == [6, 6]
+    spec, trials = planned(tmp_path, model={"family": "moe", "moe": {"n_experts": 4, "top_k": 2, "noise_std": 0.1}})
     assert {len(g) for g in packs(trials, lambda p: p, spec.runtime, None)} == {1}
 
 

@@ -84,9 +84,10 @@ def ray_options(planned: PlannedTrial, resources: Resources, runtime: Runtime, g
 
 def pack_capacity(planned: PlannedTrial, runtime: Runtime, gpu_memory_bytes: int | None) -> int:
     """How many trials like this one a pack takes: runtime.max_pack at most, no more than one GPU holds, and no
-    more than TARGET_STEP_FLOPS of work per micro-batch (at least one, however large the trial). MoE trials go
-    alone: models/packed.py stacks dense decoders only so far."""
-    if runtime.pack == "off" or planned.trial.model.family != "dense":
+    more than TARGET_STEP_FLOPS of work per micro-batch (at least one, however large the trial). MoE trials with
+    noisy routing go alone: a pack cannot draw each member's own router noise (models/packed.py)."""
+    moe = planned.trial.model.moe
+    if runtime.pack == "off" or (moe is not None and moe.noise_std > 0):
         return 1
     work = planned.flops.train_exact * micro_batch_seqs(planned, runtime) * planned.trial.model.seq_len
     capacity = min(runtime.max_pack, int(TARGET_STEP_FLOPS // work))
