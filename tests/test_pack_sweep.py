@@ -79,6 +79,7 @@ def test_packed_members_equal_unpacked_twins_and_a_rerun_packs_only_whats_left(t
     assert len(trials) == 4 and set(statuses(runs).values()) == {names.FINISHED}
     assert len(branches) == 4 and set(statuses(runs, names.ROLE_BRANCH).values()) == {names.FINISHED}
     assert {r.data.tags[names.TAG_PACK] for r in trials.values()} == {" ".join(sorted_by_plan(trials))}  # one pack
+    assert {(r.data.tags[names.TAG_WORLD], r.data.tags[names.TAG_PARALLEL]) for r in trials.values()} == {("1", "none")}
     twins = reference_runs.runs(names.ROLE_TRIAL)
     for trial_id, run in trials.items():  # each member its own run, with its twin's metric names
         assert set(run.data.metrics) == set(twins[trial_id].data.metrics)

@@ -158,7 +158,7 @@ def run_pack_job(job: PackJob, on_eval: Callable[[str], Callable[[int, float], b
 
     runtime, mlflow = _start(job.members[0])
     trials = [TrialConfig.model_validate_json(m.trial_json) for m in job.members]
-    here = where() | {names.TAG_PACK: " ".join(t.trial_id for t in trials)}
+    here = group_tags([where()], runtime) | {names.TAG_PACK: " ".join(t.trial_id for t in trials)}  # one process
     for m in job.members:
         set_status(mlflow, m.run_id, names.RUNNING, **here)
     data = _open_data(trials[0], job.members[0].cache_dir)  # one corpus: it is part of the pack key
