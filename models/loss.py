@@ -19,36 +19,40 @@ from models.layers import compute_dtype
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        n = h.shape[0]
+        # h [..., N, d], weight [..., V, d], targets [..., N]: an optional leading axis of pack members
+        # (models.packed), each with its own head and its own mean loss
+        n = h.shape[-2]
         acc = torch.promote_types(weight.dtype, torch.float32)  # logits, loss and sums over chunks: fp32 at least
-        loss = torch.zeros((), dtype=acc, device=h.device)
+        loss = torch.zeros(h.shape[:-2], dtype=acc, device=h.device)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        vocab = torch.arange(weight.shape[0], device=h.device)
+        vocab = torch.arange(weight.shape[-2], device=h.device)
         for start in range(0, n, chunk):
-            rows, t = h[start:start + chunk], targets[start:start + chunk]
-            logits = (rows @ weight.t()).to(acc)
+            rows, t = h[..., start:start + chunk, :], targets[..., start:start + chunk]
+            logits = (rows @ weight.transpose(-1, -2)).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
-            loss = loss + (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            loss = loss + (lse - logits.gather(-1, t[..., None]).squeeze(-1)).sum(-1)
             # d(mean loss)/d(logits) = (softmax - onehot(target)) / n, as one pointwise expression that
             # compile can fuse with the log-sum-exp's pass (a scatter of the -1s could not be, and cost one more
             # pass over the fp32 logits: 2% of a d768 step on an H200).
-            grad_logits = ((torch.exp(logits - lse[:, None]) - (vocab == t[:, None]).to(acc)) / n).to(h.dtype)
-            grad_h[start:start + chunk] = grad_logits @ weight
-            grad_w += grad_logits.t() @ rows
+            grad_logits = ((torch.exp(logits - lse[..., None]) - (vocab == t[..., None]).to(acc)) / n).to(h.dtype)
+            grad_h[..., start:start + chunk, :] = grad_logits @ weight
+            grad_w += grad_logits.transpose(-1, -2) @ rows
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss / n
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None
+        scale = grad_loss[..., None, None]  # one factor per member (a scalar without a member axis)
+        return grad_h * scale, grad_w * scale, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
     """Mean cross-entropy (nats per token) of logits h @ weight.T against targets, `chunk` rows at a time.
 
-    h [N, d], weight [V, d], targets [N] int64. Products run in autocast's dtype when it is on (logits and
+    h [N, d], weight [V, d], targets [N] int64; or h [K, N, d], weight [K, V, d], targets [K, N] for K pack
+    members, giving each member's mean loss [K]. Products run in autocast's dtype when it is on (logits and
     the log-softmax in fp32 either way), as the plain head and F.cross_entropy on upcast logits would."""
     dtype = compute_dtype(h)
     with torch.autocast(h.device.type, enabled=False):

@@ -29,11 +29,13 @@ HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 class Routing:
     """Per token (rows) and routing slot (columns): the chosen expert and its combine weight."""
 
+    # Shapes of one layer; a pack's (models.packed) have a leading member axis [K, ...], and its members'
+    # experts are distinct groups for the sort and the dispatch (member m's expert e is group m * E + e).
     expert: torch.Tensor  # [N, k] int64
     weight: torch.Tensor  # [N, k] float32, 0 where the assignment was dropped
     kept: torch.Tensor  # [N, k] bool
     probs: torch.Tensor  # [N, n_experts] float32, router probabilities summing to 1 per token
-    order: torch.Tensor  # [N*k] the flattened assignments sorted stably by expert
+    order: torch.Tensor  # [N*k] the flattened assignments sorted stably by (member and) expert
     counts: torch.Tensor  # [n_experts] int64 assignments per expert (before capacity)
 
 
@@ -67,31 +69,38 @@ def position_in_expert(sorted_expert: torch.Tensor, counts: torch.Tensor) -> tor
 
 
 def route(logits: torch.Tensor, cfg: MoEConfig, training: bool) -> Routing:
-    """Top-(k*G) routing of fp32 router logits [N, E*G], with noise, renormalisation and capacity."""
-    n_experts, k = logits.shape[-1], cfg.top_k * cfg.granularity
+    """Top-(k*G) routing of fp32 router logits [N, E*G] (or [K, N, E*G], each member's tokens routed among
+    its own experts), with noise, renormalisation and capacity."""
+    *members, n_tokens, n_experts = logits.shape
+    k = cfg.top_k * cfg.granularity
     if training and cfg.noise_std > 0:
         logits = logits + cfg.noise_std * torch.randn_like(logits)
     scores, probs = router_scores(logits, cfg.gate)
     weight, expert = scores.topk(k, dim=-1)
     if cfg.renormalize:
         weight = weight / weight.sum(dim=-1, keepdim=True)
-    order, counts = sort_by_expert(expert, n_experts)
-    limit = capacity(expert.shape[0], k, n_experts, cfg.capacity_factor)
-    kept_sorted = position_in_expert(expert.reshape(-1)[order], counts) < limit
+    group = expert
+    if members:
+        (n_members,) = members
+        group = expert + n_experts * torch.arange(n_members, device=expert.device).view(-1, 1, 1)
+    order, counts = sort_by_expert(group, n_experts * math.prod(members))
+    limit = capacity(n_tokens, k, n_experts, cfg.capacity_factor)
+    kept_sorted = position_in_expert(group.reshape(-1)[order], counts) < limit
     kept = torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted).view_as(expert)
-    return Routing(expert=expert, weight=torch.where(kept, weight, 0.0), kept=kept, probs=probs, order=order, counts=counts)
+    return Routing(expert=expert, weight=torch.where(kept, weight, 0.0), kept=kept, probs=probs, order=order,
+                   counts=counts.view(*members, n_experts))
 
 
 def balance_loss(routing: Routing) -> torch.Tensor:
     """Switch load-balancing loss: n_experts * sum_i f_i * P_i, f_i the share of assignments routed to
     expert i (before capacity), P_i its mean router probability. 1 when routing is uniform."""
-    share = routing.counts.float() / routing.expert.numel()
-    return share.numel() * torch.sum(share * routing.probs.mean(dim=0))
+    share = routing.counts.float() / (routing.expert.shape[-2] * routing.expert.shape[-1])  # per member
+    return share.shape[-1] * torch.sum(share * routing.probs.mean(dim=-2), dim=-1)
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Router z-loss (ST-MoE): mean squared log-partition of the router logits."""
-    return torch.logsumexp(logits, dim=-1).square().mean()
+    return torch.logsumexp(logits, dim=-1).square().mean(dim=-1)
 
 
 def experts_grouped(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
@@ -126,28 +135,40 @@ class MoE(nn.Module):
     def _grouped(self, x: torch.Tensor) -> bool:
         if self.dispatch != "auto":
             return self.dispatch == "grouped"
-        aligned = all(s % 8 == 0 for s in self.w_down.shape[1:])  # grouped kernels need 16-byte rows
+        aligned = all(s % 8 == 0 for s in self.w_down.shape[-2:])  # grouped kernels need 16-byte rows
         return HAS_GROUPED_MM and x.is_cuda and aligned and compute_dtype(x) == torch.bfloat16
 
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d] as the rows routing sees: [N, d] (a pack's: [K, N, d], models.packed)."""
+        return x.reshape(-1, x.shape[-1])
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 router logits of tokens(x)."""
+        return F.linear(x.float(), self.router.weight.float())
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(output like x, weighted auxiliary loss, detached router statistics)."""
-        shape, x = x.shape, x.reshape(-1, x.shape[-1])
+        """(output like x, weighted auxiliary loss, detached router statistics); x [..., d] (a pack's [K, ..., d]:
+        then the loss and statistics are one per member)."""
+        shape = x.shape
+        x = self.tokens(x)
         with torch.autocast(x.device.type, enabled=False):  # routing in fp32: small logits differences decide
-            logits = F.linear(x.float(), self.router.weight.float())
+            logits = self.router_logits(x)
         routing = route(logits, self.cfg, self.training)
-        order, counts, k = routing.order, routing.counts, routing.expert.shape[1]
+        order, counts, k = routing.order, routing.counts.reshape(-1), routing.expert.shape[-1]
         dtype = compute_dtype(x)
         # Cast before the k-fold gather, not after; index_select's backward is an index_add (advanced
         # indexing's would sort the indices again on CUDA).
-        rows = torch.index_select(x.to(dtype), 0, order // k)
+        rows = torch.index_select(x.reshape(-1, shape[-1]).to(dtype), 0, order // k)
+        # [E, out, in]; a pack's [K, E, out, in] as K * E experts
+        w_gate_up, w_down = (w.reshape(-1, *w.shape[-2:]) for w in (self.w_gate_up, self.w_down))
         if self._grouped(x):
-            out = experts_grouped(rows, counts, self.w_gate_up.to(dtype), self.w_down.to(dtype))
+            out = experts_grouped(rows, counts, w_gate_up.to(dtype), w_down.to(dtype))
         else:
-            out = experts_loop(rows, counts, self.w_gate_up, self.w_down)
+            out = experts_loop(rows, counts, w_gate_up, w_down)
         unsorted = torch.empty_like(out).index_copy_(0, order, out).view(-1, k, out.shape[-1])
-        y = (unsorted * routing.weight.to(unsorted.dtype).unsqueeze(-1)).sum(dim=1)  # not a product to count
+        y = (unsorted * routing.weight.reshape(-1, k).to(unsorted.dtype).unsqueeze(-1)).sum(dim=1)  # not a product to count
         if self.shared is not None:
-            y = y + self.shared(x)
+            y = y + self.shared(x).reshape(y.shape)
         balance, z = balance_loss(routing), z_loss(logits)
         aux = self.cfg.aux_loss_weight * balance + self.cfg.z_loss_weight * z
         return y.reshape(shape).to(x.dtype), aux, router_stats(routing, balance, z)
@@ -156,11 +177,11 @@ class MoE(nn.Module):
 def router_stats(routing: Routing, balance: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
     """load_max: the busiest expert's share of assignments times the expert count (1 = balanced);
     load_cv: coefficient of variation of the shares; dropped_frac: assignments over capacity."""
-    load = routing.counts.float() / routing.expert.numel()
+    load = routing.counts.float() / (routing.expert.shape[-2] * routing.expert.shape[-1])  # per member
     stats = {
-        "load_max": load.max() * load.numel(),
-        "load_cv": load.std(correction=0) / load.mean(),
-        "dropped_frac": 1.0 - routing.kept.float().mean(),
+        "load_max": load.amax(dim=-1) * load.shape[-1],
+        "load_cv": load.std(dim=-1, correction=0) / load.mean(dim=-1),
+        "dropped_frac": 1.0 - routing.kept.float().flatten(-2).mean(dim=-1),
         "balance_loss": balance,
         "z_loss": z,
     }

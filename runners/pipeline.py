@@ -10,6 +10,7 @@ import pandas as pd
 import ray
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from fitting.errors import FitInputError
 from runners.tracking import names
@@ -19,6 +20,7 @@ from runners.tracking.labels import trial_run_name
 from runners.planview import plan_view
 from runners.data.store import content_hash, prepare_data, vocab_size_of
 from runners.job import refuse_if_lost
+from runners.scheduling.resources import gang_size, pack_capacity, tasks
 from runners.scheduling.search import GridSource, SearchSource
 from runners.scheduling.sweep import SweepOutcome, connect, run_trials
 from runners.tracking.runs import SweepRuns
@@ -91,13 +93,29 @@ def _device(spec: SweepSpec) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _plan_packs(spec: SweepSpec, planned: list[PlannedTrial]) -> dict[str, tuple[int, int]]:
+    """trial id -> (pack number from 1, pack size), as the run will pack the grid (its memory cap only where
+    resources.gpu_memory_gb says the GPU's memory). A search row stands for its study's trials asked at once:
+    a pack of search.parallel (capped) when only lr is searched, one each when batch size is. A gang is never
+    packed."""
+    gpu_mem = int(spec.resources.gpu_memory_gb * 2**30) if spec.resources.gpu_memory_gb else None
+    if spec.search is None:
+        grouped = tasks(planned, lambda p: p, spec.resources, spec.runtime, gpu_mem)
+        return {p.trial_id: (n, len(pack)) for n, pack in enumerate(grouped, 1) for p in pack}
+    size = 1 if spec.search.batch_size else spec.search.parallel
+    return {p.trial_id: (n, 1 if gang_size(p, spec.resources, spec.runtime, gpu_mem) > 1 else
+                         min(size, pack_capacity(p, spec.runtime, gpu_mem))) for n, p in enumerate(planned, 1)}
+
+
 def plan_table(spec: SweepSpec, planned: list[PlannedTrial]) -> pd.DataFrame:
-    """One row per trial: identity, counts under every convention, compute and estimated time."""
+    """One row per trial: identity, its pack, counts under every convention, compute and estimated time."""
     rate = ASSUMED_FLOPS_PER_S[_device(spec)] * (spec.resources.cpus if _device(spec) == "cpu" else 1)
+    in_pack = _plan_packs(spec, planned)
     rows = []
     for p in planned:
         m, t = p.trial.model, p.trial.train
         rows.append({
+            "pack": in_pack[p.trial_id][0], "pack_size": in_pack[p.trial_id][1],
             "trial_id": p.trial_id, "name": trial_run_name(p), "family": m.family, "E": m.n_experts,
             "N_total": p.params.total, "N_nonembed": p.params.nonembed, "N_active": p.params.active,
             "D": p.D, "budget": p.trial.budget, "flops_6N": p.flops_6N, "flops_exact": p.flops_exact,
@@ -122,8 +140,12 @@ def print_caveats(spec: SweepSpec, planned: list[PlannedTrial]) -> None:
 
 
 def print_plan(spec: SweepSpec, table: pd.DataFrame) -> None:
-    """The plan at the terminal's width (runners/planview.py); `--format csv` has every column."""
-    console.print(plan_view(f"sweep {spec.name}: {len(table)} trials", table, console.width))
+    """The plan at the terminal's width (runners/planview.py), packs first; `--format csv` has every column."""
+    tasks = (f"{table.pack.nunique()} Ray tasks" if spec.search is None
+             else "trials asked K at a time in a pack")
+    console.print(plan_view(f"sweep {spec.name}: {len(table)} trials in {tasks}", table, console.width))
+    if (table.pack_size > 1).any():
+        console.print("K: trials in a pack, trained as one model in one Ray task (runtime.pack, max_pack).")
     if spec.search is not None:
         console.print(f"search: {spec.search.trials} Optuna trials per row ({spec.search.sampler}, pruner "
                       f"{spec.search.pruner}); estimates count them all")
@@ -206,7 +228,7 @@ def _print_outcome(outcome: SweepOutcome) -> None:
     console.print("trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
                   + (f" ({outcome.skipped} already done, not trained again)" if outcome.skipped else ""))
     for trial_id, error in outcome.errors.items():
-        console.print(f"  failed {trial_id}: {error}")
+        console.print(f"  failed {trial_id}: {escape(error)}")  # errors quote paths in [brackets]
 
 
 def status(spec: SweepSpec) -> pd.DataFrame:

@@ -19,6 +19,8 @@ def _g(value) -> str:
 
 # (header, plan_table column, format) in the order shown; PRIORITY says which go first when space runs out
 COLUMNS = (
+    ("pack", "pack", str),  # trials trained together as one model, in one Ray task (sweeps/packs.py)
+    ("K", "pack_size", str),
     ("trial", "name", str),
     ("id", "trial_id", lambda v: str(v)[:8]),
     ("E", "E", str),
@@ -29,19 +31,21 @@ COLUMNS = (
     ("FLOPs (6N)", "flops_6N", _g),
     ("est. time", "est_seconds", duration),
 )
-PRIORITY = ("trial", "est. time", "FLOPs (6N)", "epochs", "unique", "id", "budget", "batch", "E")
+PRIORITY = ("trial", "est. time", "id", "K", "pack", "FLOPs (6N)", "epochs", "unique", "budget", "batch", "E")
 BORDER = 3  # a column's padding and its rule
 
 
 def fitting_columns(table: pd.DataFrame, width: int) -> list[tuple[str, list[str]]]:
     """(header, cells) of the columns that fit in `width`, taken in PRIORITY order, shown in COLUMNS order.
-    A column that says nothing (every row the same E, no budget) is left out."""
+    A column that says nothing (every row the same E, no budget, no packs) is left out."""
     cells = {}
     for header, column, fmt in COLUMNS:
         if column not in table or table[column].isna().all():
             continue
         values = [fmt(v) for v in table[column]]
         if header in ("E", "budget") and len(set(values)) == 1:
+            continue
+        if header in ("pack", "K") and set(table["pack_size"]) == {1}:  # no trial shares its task
             continue
         cells[header] = values
     room, chosen = width - 1, set()

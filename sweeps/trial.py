@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from models.config import Frozen, ModelConfig
 
@@ -132,8 +132,23 @@ class Resources(Frozen):
     """What a trial asks Ray for. Not part of the trial's identity."""
 
     cpus: float = Field(1.0, gt=0.0)
-    gpus: float | Literal["auto"] = Field("auto", description="a GPU share in [0, 1], a whole number, or 'auto' from the memory estimate")
+    gpus: float | Literal["auto"] = Field("auto", description="a GPU share in [0, 1], or a whole number W >= 2: a gang of "
+                                          "W workers with one GPU each (Ray Train, runtime.parallel); on a cluster without "
+                                          "GPUs, or with runtime.device 'cpu', W CPU processes (gloo); 'auto' from the "
+                                          "memory estimate (a gang only when one GPU cannot hold the trial)")
     gpu_memory_gb: float | None = Field(None, gt=0.0, description="memory of one GPU; None = ask a GPU worker")
+
+    @model_validator(mode="after")
+    def _gang_is_whole(self) -> Resources:
+        if self.gpus != "auto" and self.gpus > 1 and self.gpus != int(self.gpus):
+            raise ValueError(f"gpus {self.gpus}: above 1 a trial takes whole GPUs (a gang of workers); use "
+                             f"{int(self.gpus)} or {int(self.gpus) + 1}")
+        return self
+
+    @property
+    def workers(self) -> int:
+        """Processes a trial runs as when declared (1, or the gang's W); 'auto' decides per trial."""
+        return int(self.gpus) if self.gpus != "auto" and self.gpus >= 2 else 1
 
 
 class Runtime(Frozen):
@@ -153,4 +168,29 @@ class Runtime(Frozen):
                                                          "'sdpa' torch's (cuDNN's on Hopper), 'auto' FlashAttention-4 where "
                                                          "it runs: 2 to 4% faster steps on an H200 (models/flash4.py)")
     checkpoint_every_s: float = Field(60.0, gt=0.0, description="seconds between checkpoints")
-    max_retries: int = Field(2, ge=0, description="retries of a trial whose worker died or raised")
+    max_retries: int = Field(2, ge=0, description="retries of a trial whose worker died or raised (for a gang: "
+                             "restarts of the whole group after a rank died, each from its last checkpoint)")
+    pack: Literal["auto", "off"] = Field("auto", description="'auto': single-process trials that differ only in lr, "
+                                         "seed, init or optimiser knobs train together as one stacked model, one Ray "
+                                         "task (a pack, sweeps/packs.py); a gang (resources.gpus >= 2, or 'auto' past "
+                                         "one GPU) is never packed; 'off': one task per trial")
+    max_pack: int = Field(16, ge=1, description="most trials in one pack (also capped by GPU memory and work per kernel)")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="how a gang (resources.gpus >= 2) shares the model: "
+                                             "'ddp' a full copy per rank, gradients all-reduced; 'fsdp' parameters, "
+                                             "gradients and optimizer state sharded per block (FSDP2, bf16 compute on "
+                                             "GPU). Either way the global batch in tokens is train.batch_size")
+    expert_parallel: bool = Field(False, description="MoE in a gang: experts sharded over the ranks, tokens sent "
+                                  "to them by all-to-all (not yet available: keep false)")
+
+    @field_validator("pack", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        """YAML reads a bare `off` as false (and `on` as true): take them as the words written."""
+        return {False: "off", True: "auto"}[value] if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _no_expert_parallel_yet(self) -> Runtime:
+        if self.expert_parallel:
+            raise ValueError("expert_parallel is not available yet; set it to false (MoE gangs run their experts "
+                             "data-parallel, as the dense parts)")
+        return self

@@ -36,6 +36,9 @@ def test_search_runs_on_ray_and_a_rerun_continues_the_study(tmp_path, sqlite_uri
     assert all(t.intermediate_values for t in trials)  # the workers reported their validation losses
     runs = trial_runs("search", sqlite_uri)
     assert sorted(float(r.data.params["train.lr"]) for r in runs.values()) == sorted(t.params["lr"] for t in trials)
+    pack = {t.number: runs[t.user_attrs["trial_id"]].data.tags[names.TAG_PACK].split() for t in trials}
+    ids = {t.number: t.user_attrs["trial_id"] for t in trials}
+    assert pack[0] == pack[1] == [ids[0], ids[1]] and pack[2] == pack[3] == [ids[2], ids[3]]  # asked at once: a pack
     for t in trials:  # Optuna's value is the trial's final validation loss in MLflow
         run = runs[t.user_attrs["trial_id"]]
         if t.state.name == "COMPLETE":

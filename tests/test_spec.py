@@ -49,6 +49,11 @@ def test_scalars_become_axes(tmp_path):
         ({"model": {"moe": {"n_experts": 4}}}, "model.family has no 'moe'"),
         ({"model": {"family": "moe", "moe": {"n_expert": 4}}}, "unknown MoE option 'n_expert'"),
         ({"data": {"unique_tokens": [1e6, -5]}}, "unique_tokens must be positive token counts"),
+        ({"runtime": {"pack": "on"}}, "runtime.pack = 'on': Input should be 'auto' or 'off'"),
+        ({"runtime": {"max_pack": 0}}, "runtime.max_pack = 0: Input should be greater than or equal to 1"),
+        ({"resources": {"gpus": 2.5}}, "gpus 2.5: above 1 a trial takes whole GPUs (a gang of workers); use 2 or 3"),
+        ({"runtime": {"parallel": "tp"}}, "runtime.parallel = 'tp': Input should be 'ddp' or 'fsdp'"),
+        ({"runtime": {"expert_parallel": True}}, "expert_parallel is not available yet; set it to false"),
     ],
 )
 def test_bad_specs_give_one_line(tmp_path, change, expected):
@@ -57,6 +62,24 @@ def test_bad_specs_give_one_line(tmp_path, change, expected):
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_gang_size_declared_or_from_memory(tmp_path):
+    """gpus W >= 2 is a gang of W; 'auto' is one process while one GPU holds the trial, else the fewest GPUs (a
+    power of two) whose shards hold it."""
+    from models import estimate_memory_bytes
+    from runners.pipeline import plan
+    from runners.scheduling.resources import HEADROOM, gang_size, micro_batch_seqs
+
+    spec = load_spec(write(tmp_path, base() | {"data": {"max_bytes": 100_000}}))
+    planned = plan(spec)[0]
+    need = HEADROOM * estimate_memory_bytes(planned.trial.model, micro_batch_seqs(planned, spec.runtime))
+    declared = spec.resources.model_copy(update={"gpus": 4})
+    assert gang_size(planned, declared, spec.runtime, None) == 4
+    assert gang_size(planned, spec.resources, spec.runtime, None) == 1  # auto without GPUs: one process
+    assert gang_size(planned, spec.resources, spec.runtime, int(need * 1.01)) == 1
+    assert gang_size(planned, spec.resources, spec.runtime, int(need / 1.5)) == 2
+    assert gang_size(planned, spec.resources, spec.runtime, int(need / 3.5)) == 4
 
 
 def test_not_yaml_and_missing_file(tmp_path):
@@ -111,3 +134,9 @@ def test_unique_tokens_is_an_axis_in_whole_sequences_and_trials_without_it_keep_
     seq = spec.model.seq_len
     assert len(capped) == 2 * len(plain) and not {p.trial_id for p in capped} & committed
     assert sorted({p.trial.data.unique_tokens for p in capped}) == [round(1e5 / seq) * seq, round(3e5 / seq) * seq]
+
+
+def test_a_bare_yaml_off_turns_packs_off(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: t\ngrid: {sizes: [2e4], tokens: [1e5]}\nruntime: {pack: off}\n")  # YAML reads off as false
+    assert load_spec(path).runtime.pack == "off"

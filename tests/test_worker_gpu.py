@@ -41,7 +41,7 @@ def test_trials_run_in_the_workers_warmed_for_them(monkeypatch, sqlite_uri):
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         options = {"num_cpus": 1, "num_gpus": 0.25}
-        warmed = set(ray.get(warm_workers([(None, None, options)] * 3, sqlite_uri)))
+        warmed = set(ray.get(warm_workers([options] * 3, sqlite_uri)))
         assert len(warmed) == 2
 
         def pid() -> int:

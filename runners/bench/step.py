@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,9 +101,10 @@ QUICK_SHAPES = {
 
 def time_step(shape: Shape, device: torch.device, compiled: bool, steps: int, warmup: int, mode: str | None = None,
               accum: int = 1, loss_chunk: int | None = None, bf16_residual: bool = False, profile: bool = False,
-              flash4: bool = False) -> dict[str, float]:
+              flash4: bool = False, before_timing: Callable[[], None] | None = None) -> dict[str, float]:
     """Tokens/s, MFU and peak memory of `steps` optimizer steps (each over `accum` micro-batches) after
-    `warmup` untimed ones; with `profile`, also where the GPU time of three more steps went."""
+    `warmup` untimed ones; with `profile`, also where the GPU time of three more steps went. `before_timing`
+    runs between the two (runners.bench.pack: processes that start timing together)."""
     torch.manual_seed(0)
     model = build_model(shape.model).to(device)
     model.loss_chunk, model.bf16_residual = loss_chunk or None, bf16_residual
@@ -122,6 +124,8 @@ def time_step(shape: Shape, device: torch.device, compiled: bool, steps: int, wa
             torch.cuda.synchronize(device)
 
     run(warmup)
+    if before_timing is not None:
+        before_timing()
     started = time.perf_counter()
     run(steps)
     seconds = time.perf_counter() - started

@@ -1,11 +1,17 @@
-"""Running a sweep on Ray: one Ray task per trial, MLflow as the record of what is done.
+"""Running a sweep on Ray: one Ray task per trial or pack of trials, MLflow as the record of what is done.
 
 Why Ray core tasks and not Ray Tune: a trial here is one function that checkpoints itself into its
 own folder and logs into its own MLflow run, so what Tune adds (experiment state, trial actors,
 restore) would be a second record of progress next to MLflow's, and its restore resumes from the
 checkpoint it last recorded, one behind what is on disk. Tasks give what is needed: resource-based
 placement and packing (fractional GPUs), retries of a task whose worker died or raised, and
-cancellation.
+cancellation. A trial that spans several workers is one such task that starts a Ray Train gang
+(runners.scheduling.gang, which says why Ray Train there).
+
+Trials that differ only in lr, seed or optimiser knobs are packed (runtime.pack 'auto'; sweeps/packs.py,
+resources.tasks): one task trains them as one stacked model. Every member keeps its own MLflow run (made
+here, as for a lone trial), checkpoint folder and status; a member already done is left out of its pack.
+A gang is never packed.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ import ray
 from runners.tracking import names
 from runners.tracking.labels import branch_run_name, trial_run_name
 from runners.scheduling.progress import Board, SweepProgress
-from runners.scheduling.resources import ray_options
+from runners.scheduling.gang import Gang, run_gang
+from runners.scheduling import resources
+from runners.scheduling.resources import gang_size, ray_options
 from runners.scheduling.search import GridSource, Pruning, SearchSource, pruning_callback
 from runners.tracking.runs import SweepRuns, flatten, set_status
-from runners.scheduling.worker import NOSET_CUDA, TrialJob, run_job
+from runners.scheduling.worker import NOSET_CUDA, PackJob, TrialJob, run_job, run_pack_job
 from sweeps.expand import PlannedTrial
 from sweeps.spec import SweepSpec
 
@@ -129,8 +137,18 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
     ids: dict[str, tuple[str, dict[int, str]]] = {}
     progress = SweepProgress(total=source.total)
 
+    def job(p: PlannedTrial) -> TrialJob:
+        ids[p.trial_id] = register(runs, p)
+        run_id, branches = ids[p.trial_id]
+        return TrialJob(
+            trial_json=p.trial.model_dump_json(), runtime_json=spec.runtime.model_dump_json(), run_id=run_id,
+            branch_run_ids=branches, tracking_uri=runs.uri,
+            workdir=str((spec.checkpoint_dir / spec.name / p.trial_id).resolve()),
+            cache_dir=str(cache_dir) if cache_dir else None, cpus=spec.resources.cpus,
+        )
+
     def submit() -> None:
-        """Offer every trial the source has now; one already done in MLflow is told back at once."""
+        """Offer every trial the source has now, in packs; one already done in MLflow is told back at once."""
         while offered := source.take():
             todo = []
             for p, pruning in offered:
@@ -142,20 +160,27 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
                     progress.finished(p.trial_id, status, skipped=True)
                     source.done(p, status, run.data.metrics.get(names.VAL_LOSS))
                 else:
-                    todo.append((p, pruning, ray_options(p, spec.resources, spec.runtime, gpu_mem)))
-            if todo and not refs and reuse:
-                warm_workers(todo, runs.uri)
-            for p, pruning, options in todo:
-                ids[p.trial_id] = register(runs, p)
-                run_id, branches = ids[p.trial_id]
-                job = TrialJob(
-                    trial_json=p.trial.model_dump_json(), runtime_json=spec.runtime.model_dump_json(), run_id=run_id,
-                    branch_run_ids=branches, tracking_uri=runs.uri,
-                    workdir=str((spec.checkpoint_dir / spec.name / p.trial_id).resolve()),
-                    cache_dir=str(cache_dir) if cache_dir else None, cpus=spec.resources.cpus,
-                )
-                refs[task.options(name=f"trial-{p.trial_id}", **options).remote(job, board, p.D, pruning)] = p
-                progress.submitted(p.trial_id, p.compute_exact)
+                    todo.append((p, pruning))
+            tasks = []  # (members with their pruning, Ray options, the gang or None)
+            for pack in resources.tasks(todo, lambda item: item[0], spec.resources, spec.runtime, gpu_mem):
+                first = pack[0][0]
+                workers = gang_size(first, spec.resources, spec.runtime, gpu_mem)
+                gang = Gang(workers, use_gpu=gpu_mem is not None and spec.runtime.device != "cpu",
+                            max_failures=spec.runtime.max_retries) if workers > 1 else None
+                tasks.append((pack, ray_options(first, spec.resources, spec.runtime, gpu_mem, members=len(pack)), gang))
+            warm = [options for _, options, gang in tasks if gang is None]  # a gang's workers are Ray Train's
+            if warm and not refs and reuse:
+                warm_workers(warm, runs.uri)
+            for pack, options, gang in tasks:
+                members = [p for p, _ in pack]
+                jobs = [job(p) for p in members]
+                name = f"trial-{members[0].trial_id}" + (f"-pack{len(members)}" if len(members) > 1 else "")
+                one = jobs[0] if len(jobs) == 1 else PackJob(tuple(jobs))
+                pruning = {p.trial_id: pr for p, pr in pack if pr is not None}
+                refs[task.options(name=name, **options).remote(one, board, {p.trial_id: p.D for p in members},
+                                                               pruning, gang)] = members
+                for p in members:
+                    progress.submitted(p.trial_id, p.compute_exact)
 
     try:
         with progress:
@@ -165,18 +190,19 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
                 ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
                 progress.update(ray.get(board.snapshot.remote()))
                 for ref in ready:
-                    p = refs[ref]
-                    loss = None
+                    members = refs[ref]
                     try:
-                        result = ray.get(ref)
-                        status, loss = result["status"], result["final_val_loss"]
-                    except Exception as e:  # retries are spent (a RayError, or what the trial raised): record and go on
-                        status = names.FAILED
-                        outcome.errors[p.trial_id] = _one_line(e)
-                        set_status(runs.client, ids[p.trial_id][0], names.FAILED, **{names.TAG_ERROR: outcome.errors[p.trial_id]})
-                    outcome.statuses[p.trial_id] = status
-                    progress.finished(p.trial_id, status)
-                    source.done(p, status, loss)
+                        ended = [(r["status"], r["final_val_loss"]) for r in ray.get(ref)]
+                    except Exception as e:  # retries are spent (a RayError, or what the task raised): record and go on
+                        ended = [(names.FAILED, None)] * len(members)
+                        for p in members:
+                            outcome.errors[p.trial_id] = _one_line(e)
+                            set_status(runs.client, ids[p.trial_id][0], names.FAILED,
+                                       **{names.TAG_ERROR: outcome.errors[p.trial_id]})
+                    for p, (status, loss) in zip(members, ended):
+                        outcome.statuses[p.trial_id] = status
+                        progress.finished(p.trial_id, status)
+                        source.done(p, status, loss)
                 n_before = len(refs)
                 submit()
                 pending += list(refs)[n_before:]
@@ -186,22 +212,22 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
     return outcome
 
 
-def warm_workers(todo: list[tuple[PlannedTrial, Pruning | None, dict]], tracking_uri: str) -> list:
+def warm_workers(tasks: list[dict], tracking_uri: str) -> list:
     """Start the workers the first trials will run in, and import torch, the trainer and MLflow's store in
     them while the driver registers those trials, so that each trial starts training seconds sooner.
 
-    One warm-up per trial that can run at once, with the first trial's CPUs and a sliver of a GPU when it
-    takes a share (Ray keeps workers that held a GPU for GPU tasks); the trials then take these workers,
-    since they are kept (reuses_workers). Fire and forget (the refs are returned for tests): a warm-up that
-    fails costs nothing."""
-    options = todo[0][2]
+    `tasks` holds each first task's Ray options. One warm-up per task that can run at once, with the first
+    task's CPUs and a sliver of a GPU when it takes a share (Ray keeps workers that held a GPU for GPU tasks);
+    the tasks then take these workers, since they are kept (reuses_workers). Fire and forget (the refs are
+    returned for tests): a warm-up that fails costs nothing."""
+    options = tasks[0]
     cpus, gpus = options["num_cpus"], options["num_gpus"]
     room = ray.cluster_resources()
-    at_once = room.get("CPU", 1) // cpus if cpus else len(todo)
+    at_once = room.get("CPU", 1) // cpus if cpus else len(tasks)
     if gpus:
         at_once = min(at_once, room.get("GPU", 0) // gpus)
     warm = ray.remote(max_calls=0)(_warm).options(num_cpus=cpus, num_gpus=min(gpus, 1e-4), name="warm-worker")
-    return [warm.remote(tracking_uri) for _ in range(int(min(len(todo), at_once)))]
+    return [warm.remote(tracking_uri) for _ in range(int(min(len(tasks), at_once)))]
 
 
 def _warm(tracking_uri: str) -> int:
@@ -212,16 +238,25 @@ def _warm(tracking_uri: str) -> int:
     return os.getpid()
 
 
-def _run_on_ray(job: TrialJob, board, tokens_total: int, pruning: Pruning | None) -> dict:
-    trial_id = Path(job.workdir).name
-    board.started.remote(trial_id)
-    should_prune = pruning_callback(pruning) if pruning else None
+def _run_on_ray(job: TrialJob | PackJob, board, tokens_total: dict[str, int], pruning: dict[str, Pruning],
+                gang: Gang | None) -> list[dict]:
+    """The task: a trial, a pack of them, or a gang's trial, reporting progress to the board and each evaluation
+    to its study."""
 
-    def report(tokens: int, val_loss: float) -> bool:
-        board.evaluated.remote(trial_id, tokens / tokens_total)
-        return should_prune(tokens, val_loss) if should_prune else False
+    def on_eval(trial_id: str):
+        board.started.remote(trial_id)
+        should_prune = pruning_callback(pruning[trial_id]) if trial_id in pruning else None
 
-    return run_job(job, on_eval=report)
+        def report(tokens: int, val_loss: float) -> bool:
+            board.evaluated.remote(trial_id, tokens / tokens_total[trial_id])
+            return should_prune(tokens, val_loss) if should_prune else False
+
+        return report
+
+    if isinstance(job, PackJob):
+        return run_pack_job(job, on_eval)
+    report = on_eval(Path(job.workdir).name)
+    return [run_gang(job, gang, on_eval=report) if gang else run_job(job, on_eval=report)]
 
 
 def _stop(refs: dict, board, ids: dict, runs: SweepRuns, outcome: SweepOutcome) -> None:

@@ -1,7 +1,10 @@
-"""What runs inside a Ray worker for one trial: open its data, train, and keep MLflow up to date.
+"""What runs inside a Ray worker for one trial, or for a pack of trials: open the data, train, and keep MLflow
+up to date.
 
 The job carries the MLflow run ids the driver made, so a retried trial logs into the same runs and
-its training resumes from the checkpoint in its own folder.
+its training resumes from the checkpoint in its own folder; in a pack, every member does so on its own. In a
+gang (runners.scheduling.gang) every rank runs run_job; rank 0 alone sets the statuses and logs, with tags for
+the group (world size, parallelism, each rank's process and node).
 """
 
 from __future__ import annotations
@@ -10,8 +13,11 @@ import dataclasses
 import os
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from mlflow.tracking import MlflowClient
 
 from runners.tracking import names
 from runners.tracking.runs import MlflowSink, client, set_status
@@ -30,6 +36,14 @@ class TrialJob:
     workdir: str
     cache_dir: str | None
     cpus: float = 1.0
+
+
+@dataclass(frozen=True)
+class PackJob:
+    """Several trials that train together as one stacked model (sweeps/packs.py), each with its own runs and
+    folder; they share the runtime, tracking URI, cache and CPUs (taken from the first)."""
+
+    members: tuple[TrialJob, ...]
 
 
 # Set, Ray leaves CUDA_VISIBLE_DEVICES as the node had it, and each trial selects the GPU Ray gave it: a
@@ -89,36 +103,119 @@ def where() -> dict[str, str]:
     return tags
 
 
-def run_job(job: TrialJob, on_eval=None) -> dict:
-    """Train one trial to the end (resuming if its folder holds a checkpoint); returns its TrialResult as a dict."""
-    import torch
+class NullSink:
+    """What the ranks other than 0 log into: nothing (rank 0 logs the group's numbers)."""
 
-    from runners.data.store import prepare_data
+    def log(self, metrics, tokens: int) -> None:
+        pass
+
+    def flush(self, timeout_s: float = 0.0) -> bool:
+        return True
+
+    def close(self) -> bool:
+        return True
+
+
+def group_tags(placed: list[dict[str, str]], runtime: Runtime) -> dict[str, str]:
+    """Where a trial's ranks run (`placed`: each rank's `where()`, in rank order), as tags: rank 0's own, and the group's."""
+    tags = placed[0] | {names.TAG_WORLD: str(len(placed)),
+                        names.TAG_PARALLEL: runtime.parallel if len(placed) > 1 else "none"}
+    if len(placed) > 1:
+        tags[names.TAG_RANK_WORKERS] = ",".join(p[names.TAG_WORKER] for p in placed)
+        tags[names.TAG_RANK_NODES] = ",".join(p[names.TAG_NODE] for p in placed)
+    return tags
+
+
+def run_job(job: TrialJob, on_eval=None) -> dict:
+    """Train one trial to the end (resuming if its folder holds a checkpoint); returns its TrialResult as a dict.
+    In a gang, every rank calls this; rank 0's `on_eval` alone is asked (the group follows its answer)."""
+    from runners.training import parallel
     from runners.training.train import run_trial
 
-    _quiet_mlflow_retries()
-    select_gpu()
-    torch.set_num_threads(max(1, int(job.cpus)))
+    runtime, mlflow = _start(job)
+    group = parallel.current()
     trial = TrialConfig.model_validate_json(job.trial_json)
-    runtime = Runtime.model_validate_json(job.runtime_json)
-    mlflow = client(job.tracking_uri)
-    set_status(mlflow, job.run_id, names.RUNNING, **where())
+    placed = group.gather(where())
+    if group.main:
+        set_status(mlflow, job.run_id, names.RUNNING, **group_tags(placed, runtime))
+    data = _open_data(trial, job.cache_dir)
+    sink, branch_sinks = _sinks(job, group.main)
+    try:
+        result = run_trial(trial, runtime, Path(job.workdir), sink, data=data,
+                           branch_sinks=branch_sinks.__getitem__, on_eval=on_eval if group.main else None)
+    finally:
+        _close([sink, *branch_sinks.values()])
+    if group.main:
+        _record(mlflow, job, result)
+    return dataclasses.asdict(result)
 
-    data = prepare_data(trial.data, Path(job.cache_dir) if job.cache_dir else None)
+
+def run_pack_job(job: PackJob, on_eval: Callable[[str], Callable[[int, float], bool] | None]) -> list[dict]:
+    """Train a pack's members together as one stacked model (runners.training.pack), each resuming from its own
+    folder and logging into its own runs, as run_job does for one; returns each member's TrialResult as a dict.
+    `on_eval(trial_id)` gives that member's pruning callback."""
+    from runners.training.pack import Member, run_pack
+
+    runtime, mlflow = _start(job.members[0])
+    trials = [TrialConfig.model_validate_json(m.trial_json) for m in job.members]
+    here = group_tags([where()], runtime) | {names.TAG_PACK: " ".join(t.trial_id for t in trials)}  # one process
+    for m in job.members:
+        set_status(mlflow, m.run_id, names.RUNNING, **here)
+    data = _open_data(trials[0], job.members[0].cache_dir)  # one corpus: it is part of the pack key
+    opened = [_sinks(m) for m in job.members]
+    members = [Member(trial=t, workdir=Path(m.workdir), sink=sink, branch_sinks=branch_sinks.__getitem__,
+                      on_eval=on_eval(t.trial_id))
+               for t, m, (sink, branch_sinks) in zip(trials, job.members, opened)]
+    try:
+        results = run_pack(members, runtime, data=data)
+    finally:
+        _close([s for sink, branch_sinks in opened for s in [sink, *branch_sinks.values()]])
+    for m, result in zip(job.members, results):
+        _record(mlflow, m, result)
+    return [dataclasses.asdict(r) for r in results]
+
+
+def _start(job: TrialJob) -> tuple[Runtime, MlflowClient]:
+    """This process, ready for the job: the GPU Ray gave it, its CPU threads, the runtime and a tracking client."""
+    import torch
+
+    from runners.training import parallel
+
+    _quiet_mlflow_retries()
+    if parallel.current().world == 1:
+        select_gpu()  # a gang's ranks were given theirs by Ray Train
+    torch.set_num_threads(max(1, int(job.cpus)))
+    return Runtime.model_validate_json(job.runtime_json), client(job.tracking_uri)
+
+
+def _open_data(trial: TrialConfig, cache_dir: str | None):
+    from runners.data.store import prepare_data
+
+    data = prepare_data(trial.data, Path(cache_dir) if cache_dir else None)
     if data.content_hash != trial.data.content_hash:
         raise RuntimeError(f"data on this node hashes to {data.content_hash}, the plan had {trial.data.content_hash}: "
                            "every node must see the same corpus")
+    return data
 
-    sink = MlflowSink(job.run_id, job.tracking_uri)
-    branch_sinks = {d: MlflowSink(run_id, job.tracking_uri) for d, run_id in job.branch_run_ids.items()}
-    try:
-        result = run_trial(trial, runtime, Path(job.workdir), sink, data=data,
-                           branch_sinks=branch_sinks.__getitem__, on_eval=on_eval)
-    finally:
-        for s in [sink, *branch_sinks.values()]:
-            s.close()
-        release_gpu()
 
+def _sinks(job: TrialJob, main: bool = True) -> tuple[MlflowSink | NullSink, dict[int, MlflowSink | NullSink]]:
+    """The trial's run's sink and one per WSD branch run (NullSinks on a gang's ranks other than 0)."""
+
+    def sink_of(run_id: str):
+        return MlflowSink(run_id, job.tracking_uri) if main else NullSink()
+
+    return sink_of(job.run_id), {d: sink_of(run_id) for d, run_id in job.branch_run_ids.items()}
+
+
+def _close(sinks: list[MlflowSink | NullSink]) -> None:
+    """Send what the sinks hold, and hand back what training left in this worker."""
+    for s in sinks:
+        s.close()
+    release_gpu()
+
+
+def _record(mlflow: MlflowClient, job: TrialJob, result) -> None:
+    """The trial's and its branches' final status and tags in MLflow."""
     finished = {b.tokens for b in result.branches}
     for end, run_id in job.branch_run_ids.items():
         # A branch that never ran (its trial diverged or was pruned first) shares its trial's fate.
@@ -129,4 +226,3 @@ def run_job(job: TrialJob, on_eval=None) -> dict:
     if result.error:
         extra[names.TAG_ERROR] = result.error
     set_status(mlflow, job.run_id, result.status, **extra)
-    return dataclasses.asdict(result)

@@ -20,7 +20,12 @@ TAG_REPEATS_DATA = "scaling.repeats_data"  # "true" when a trial saw some traini
 TAG_WORKER = "scaling.worker"        # host:pid of the process training the trial (the latest attempt)
 TAG_NODE = "scaling.node"            # Ray node id of that process
 TAG_GPUS = "scaling.gpus"            # GPU ids Ray gave that process ("" on CPU)
+TAG_WORLD = "scaling.world_size"     # processes training the trial (a gang: W ranks; the tags above are rank 0's)
+TAG_PARALLEL = "scaling.parallel"    # how a gang shares the model: ddp | fsdp ("none" for one process)
+TAG_RANK_WORKERS = "scaling.rank_workers"  # a gang's host:pid of each rank, comma-separated in rank order
+TAG_RANK_NODES = "scaling.rank_nodes"      # a gang's Ray node id of each rank, comma-separated in rank order
 TAG_CUDA = "scaling.cuda_device"     # the GPU torch trains on, as Ray names it (GPU workers only)
+TAG_PACK = "scaling.pack"            # the trial ids of the pack it trained in, space-separated (packed trials only)
 TAG_NUMERICS = "scaling.numerics"    # precision, residual stream, attention kernel and compile of the last attempt (runners.training.step.numerics)
 
 # MLflow's own tags: the experiment's kind (MLflow 3's UI opens "custom_model_development" on its training runs,

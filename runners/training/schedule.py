@@ -42,19 +42,24 @@ class Branch:
 class Plan:
     """The steps of one trial."""
 
-    batch_size: int  # tokens per optimizer step
-    seqs_per_step: int
-    micro_seqs: int  # sequences per forward pass
+    batch_size: int  # tokens per optimizer step, over the whole group
+    seqs_per_step: int  # over the whole group
+    micro_seqs: int  # sequences per forward pass of one rank
     total_steps: int
     warmup_steps: int
     decay_start: int  # first step of the main run's decay (WSD); total_steps for cosine and constant
     branches: tuple[Branch, ...]
     eval_steps: tuple[int, ...]  # main-run evaluations after this many steps; the last is total_steps
     log_every: int  # steps between train-loss points (about 200 a run at most)
+    world: int = 1  # ranks sharing each step (runners.training.parallel)
+
+    @property
+    def rank_seqs(self) -> int:
+        return self.seqs_per_step // self.world
 
     @property
     def accum_steps(self) -> int:
-        return self.seqs_per_step // self.micro_seqs
+        return self.rank_seqs // self.micro_seqs
 
 
 def decay_factor(shape: str, q: float, floor: float) -> float:
@@ -97,17 +102,21 @@ def _steps(tokens: int, batch: int) -> int:
     return max(1, round(tokens / batch))
 
 
-def plan_trial(trial: TrialConfig, runtime: Runtime) -> Plan:
-    """The step plan of a trial; TrialSetupError when its batch, micro-batch or branches cannot work."""
+def plan_trial(trial: TrialConfig, runtime: Runtime, world: int = 1) -> Plan:
+    """The step plan of a trial on `world` ranks; TrialSetupError when its batch, micro-batch or branches cannot work."""
     t, seq_len = trial.train, trial.model.seq_len
     if t.batch_size % seq_len:
         raise TrialSetupError(f"train.batch_size {t.batch_size} is not a multiple of model.seq_len {seq_len}; "
                               f"use {max(1, t.batch_size // seq_len) * seq_len}")
     seqs = t.batch_size // seq_len
-    micro = min(seqs, runtime.micro_batch_size or seqs)
-    if seqs % micro:
-        raise TrialSetupError(f"runtime.micro_batch_size {micro} does not divide the batch of {seqs} sequences; "
-                              "use a divisor of it")
+    if seqs % world:
+        raise TrialSetupError(f"train.batch_size {t.batch_size} is {seqs} sequences, which {world} workers cannot share "
+                              f"evenly; use a multiple of {world * seq_len} tokens or another resources.gpus")
+    rank_seqs = seqs // world
+    micro = min(rank_seqs, runtime.micro_batch_size or rank_seqs)
+    if rank_seqs % micro:
+        raise TrialSetupError(f"runtime.micro_batch_size {micro} does not divide the {rank_seqs} sequences of a "
+                              f"{'rank' if world > 1 else 'batch'}; use a divisor of it")
     total = _steps(t.tokens, t.batch_size)
     warmup = round(t.schedule.warmup * total)
     decay_start = t.schedule.fork_tokens(t.tokens, t.batch_size) // t.batch_size if t.schedule.kind == "wsd" else total
@@ -122,4 +131,4 @@ def plan_trial(trial: TrialConfig, runtime: Runtime) -> Plan:
                                   f"({warmup} steps); lower train.schedule.warmup or drop the branch")
     return Plan(batch_size=t.batch_size, seqs_per_step=seqs, micro_seqs=micro, total_steps=total, warmup_steps=warmup,
                 decay_start=decay_start, branches=branches, eval_steps=eval_steps(total, t.eval_points),
-                log_every=max(1, total // 200))
+                log_every=max(1, total // 200), world=world)

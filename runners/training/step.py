@@ -71,14 +71,20 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
+def decays(model: nn.Module) -> set[str]:
+    """Names of the parameters weight decay applies to: matrices only. Embeddings, norms and biases are not
+    decayed, as in GPT-2/LLaMA training, since shrinking them changes the scale of the residual stream, not
+    capacity. For a plain Transformer (a pack asks its plain twin: models.packed keeps the names)."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+    return {name for name, p in model.named_parameters() if p.ndim >= 2 and id(p) not in embeddings}
+
+
 def make_optimizer(model: nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (fused on CUDA). Weight decay on matrices only: embeddings, norms and biases are not decayed,
-    as in GPT-2/LLaMA training, since shrinking them changes the scale of the residual stream, not capacity."""
-    no_decay = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2 and id(p) not in no_decay]
-    keep = [p for p in params if p.ndim < 2 or id(p) in no_decay]
-    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    """AdamW (fused on CUDA), weight decay on `decays(model)` only."""
+    decayed = decays(model)
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for name, p in params if name in decayed], "weight_decay": train.weight_decay},
+              {"params": [p for name, p in params if name not in decayed], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=device.type == "cuda")
 
 
@@ -86,17 +92,21 @@ def accumulate_grads(model: nn.Module, micro_batches: Sequence[Batch], device: t
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward and backward over the micro-batches of one step, gradients averaged over them.
 
-    Returns the step's mean cross-entropy (nats/token, without router losses) and its mean router
-    statistics, both still on the device so that no step waits for the GPU.
+    Returns the step's mean cross-entropy (nats/token, without router losses; [K] for a pack of K members,
+    models.packed) and its mean router statistics, both still on the device so that no step waits for the GPU.
     """
     n = len(micro_batches)
     loss_sum = torch.zeros((), device=device)
     router: dict[str, torch.Tensor] = {}
-    for x, y in micro_batches:
-        with autocast(device):
-            out = model(x, y)
-        ((out.loss + out.aux_loss) / n).backward()
-        loss_sum += out.loss.detach().float()
+    for i, (x, y) in enumerate(micro_batches):
+        # Under DDP, gradients are all-reduced once a step, after the last micro-batch.
+        quiet = model.no_sync() if i < n - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with quiet:
+            with autocast(device):
+                out = model(x, y)
+            # a pack's loss is one per member [K]: the gradient of their sum is each member's own
+            ((out.loss + out.aux_loss) / n).sum().backward()
+        loss_sum = loss_sum + out.loss.detach().float()
         for key, value in out.router.items():
             router[key] = router.get(key, 0.0) + value.detach().float() / n
     return loss_sum / n, router
@@ -113,15 +123,18 @@ def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, lr: float, 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> float:
-    """Mean cross-entropy in nats per token over every token of `batches` (one sync at the end)."""
+def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> torch.Tensor:
+    """[summed cross-entropy in nats, tokens] over every token of `batches`, float64 on the device (sums, so
+    that a group's shares add up; their ratio is the mean loss per token): shape [2], or [2, K] for a pack
+    (batches [K, sequences, seq_len]; tokens per member)."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for x, y in batches:
+        tokens = y.shape[-2] * y.shape[-1]  # per member
         with autocast(device):
-            total += model(x, y).loss.double() * y.numel()
-        count += y.numel()
+            total = total + model(x, y).loss.double() * tokens
+        count += tokens
     model.train(was_training)
-    return total.item() / count
+    return torch.stack([total, torch.full_like(total, float(count))])

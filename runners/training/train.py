@@ -1,13 +1,13 @@
 """Train one trial: the main run, its WSD decay branches, evaluations, checkpoints and divergence.
 
 The timeline is one sequence of optimizer steps. A WSD branch shares the main run's steps up to its
-fork, so when the main run reaches a fork it saves its state (`fork.pt`), trains the branch from
+fork, so when the main run reaches a fork it saves its state (checkpoint FORK), trains the branch from
 there to the branch's end under the branch's decay, evaluates it (a final point of its own), then
 reloads the fork state and carries on. Training batches depend only on the step and the seed, so a
 branch sees exactly the data of a standalone run of its length, and a resumed trial the data it
 would have seen.
 
-`checkpoint.pt` always holds where the trial is: the phase (main run or which branch), the step,
+Checkpoint LATEST always holds where the trial is: the phase (main run or which branch), the step,
 the branches finished so far, and the divergence tracker. A trial that is killed or cancelled
 (KeyboardInterrupt, as Ray delivers it) starts again from there and ends with the same numbers
 (bit for bit on the CPU; on the GPU up to the nondeterminism of its kernels). `result.json` marks a
@@ -15,7 +15,13 @@ trial that has ended, so a retried worker returns its result at once, and its ch
 
 Divergence (a NaN or Inf train loss, or one over `spike_threshold` x the running minimum after the
 warm-up) is checked whenever losses reach the host, at each logged point and checkpoint; it ends the
-whole trial, also when it happens in a branch.
+whole trial, also when it happens in a branch. In a pack it ends that member, which is frozen while the
+others go on; so does pruning.
+
+A trial may be trained by a group of processes (runners.training.parallel: Ray Train starts them, with the
+process group set up): each rank trains on its share of every batch, losses and evaluations are the
+group's, and rank 0 alone logs and writes the result; at world size 1 nothing of that runs. A pack is one
+process: its members are never a gang.
 
 Logged curves (step = tokens seen on that curve): train loss every `plan.log_every` steps and at
 every evaluation and checkpoint, with lr, exact FLOPs to reach that point on that curve, tokens/s,
@@ -30,21 +36,21 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from models import build_model, flops_per_token
-from runners.tracking import names
-from runners.training import checkpoint
 from runners.data.store import TokenData
+from runners.tracking import names
+from runners.training import checkpoint, parallel
+from runners.training.result import BranchResult, TrialResult
 from runners.training.schedule import Plan, TrialSetupError, lr_at, plan_trial
 from runners.training.step import (Batch, accumulate_grads, apply_update, evaluate, make_optimizer, numerics, peak_flops,
-                          pick_device, wants_compile, wants_flash4)
-from runners.training.result import BranchResult, TrialResult
+                                   pick_device, wants_compile, wants_flash4)
 from sweeps.trial import Runtime, TrialConfig
 
 RESULT = "result.json"
@@ -57,6 +63,28 @@ class Sink(Protocol):
     def flush(self, timeout_s: float) -> bool: ...  # True when everything logged so far is stored
 
 
+class Engine(Protocol):
+    """How the members of one timeline compute (a plain model, or a pack: runners.training.pack)."""
+
+    numerics: str  # runners.training.step.numerics, as the MLflow tag shows it
+
+    def stack(self, batches: Sequence[Batch]) -> Batch: ...  # the members' batches as one input
+
+    def forward_backward(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def update(self, lrs: Sequence[float]) -> None: ...  # clip, step at each member's lr, clear the gradients
+
+    def evaluate(self, batches: list[Batch]) -> torch.Tensor: ...  # runners.training.step.evaluate's sums
+
+    # Member i as a plain model and make_optimizer's optimizer (what its checkpoint holds, so that it resumes
+    # packed or alone), and member i taken back from such a pair.
+    def member(self, i: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]: ...
+
+    def set_member(self, i: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def freeze(self, i: int) -> None: ...  # member i takes no more updates
+
+
 def make_durable(sinks: list[Sink]) -> None:
     """Before a checkpoint or result says how far a trial got, its points up to there reach the store: a trial
     killed afterwards resumes from that checkpoint (or result) and never logs them again. With the store
@@ -65,32 +93,66 @@ def make_durable(sinks: list[Sink]) -> None:
         sink.flush(FLUSH_S)
 
 
-class Diverged(Exception):
-    def __init__(self, tokens: int, why: str):
-        super().__init__(why)
-        self.tokens = tokens
+@dataclasses.dataclass
+class Timeline:
+    """One trial on a (possibly shared) timeline: where it logs, what it has seen, and how it ended."""
 
+    trial: TrialConfig
+    workdir: Path
+    sink: Sink
+    branch_sinks: Callable[[int], Sink]
+    on_eval: Callable[[int, float], bool] | None = None
+    # Progress, saved in its checkpoints.
+    branches_done: list[dict] = dataclasses.field(default_factory=list)
+    loss_min: float = math.inf
+    pending: list[float] = dataclasses.field(default_factory=list)  # train losses since the last logged point
+    final_val: list[float] | None = None  # [loss, bpb] of the main run's latest evaluation
+    result: TrialResult | None = None  # set when it has ended
 
-class Pruned(Exception):
-    pass
+    def sinks(self) -> list[Sink]:
+        return [self.sink, *map(self.branch_sinks, self.trial.train.schedule.branches)]
+
+    def done_result(self) -> TrialResult | None:
+        """The result of an ended trial, from its workdir."""
+        done = self.workdir / RESULT
+        return _result_from_json(done.read_text()) if done.exists() else None
+
+    def write_result(self, result: TrialResult, group: parallel.Group) -> None:
+        """Mark the trial ended: its points stored, result.json written (by rank 0), its checkpoints deleted."""
+        self.result = result
+        make_durable(self.sinks())
+        group.barrier()  # every rank is done with the checkpoints before they go
+        if not group.main:
+            return
+        done = self.workdir / RESULT
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(result)))
+        os.replace(tmp, done)
+        checkpoint.discard(self.workdir)  # the result stands for them now; free the disk
 
 
 def run_trial(trial: TrialConfig, runtime: Runtime, workdir: Path, sink: Sink, *, data: TokenData,
               branch_sinks: Callable[[int], Sink], on_eval: Callable[[int, float], bool] | None = None) -> TrialResult:
     """Train `trial` to the end (resuming from `workdir` if it holds a checkpoint) and return what it gave."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    done = workdir / RESULT
-    if done.exists():
-        return _result_from_json(done.read_text())
-    result = _Trainer(trial, runtime, workdir, sink, data, branch_sinks, on_eval).run()
-    make_durable([sink, *map(branch_sinks, trial.train.schedule.branches)])
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(result)))
-    os.replace(tmp, done)
-    for name in (checkpoint.LATEST, checkpoint.FORK):  # the result stands for them now; free the disk
-        (workdir / name).unlink(missing_ok=True)
-    return result
+    timeline = Timeline(trial, Path(workdir), sink, branch_sinks, on_eval)
+    timeline.workdir.mkdir(parents=True, exist_ok=True)
+    done = timeline.done_result()
+    if done is not None:
+        return done
+    group = parallel.current()
+    check_setup(trial, runtime, data, group.world)
+    device = pick_device(runtime)
+    engine = PlainEngine(trial, runtime, device, group)
+    return Trainer([timeline], engine, runtime, data, device, group).run()[0]
+
+
+def check_setup(trial: TrialConfig, runtime: Runtime, data: TokenData, world: int = 1) -> Plan:
+    """The trial's plan on `world` ranks; TrialSetupError (naming the field and the fix) when it cannot start."""
+    plan = plan_trial(trial, runtime, world)
+    if data.vocab_size > trial.model.vocab_size:
+        raise TrialSetupError(f"model.vocab_size {trial.model.vocab_size} is smaller than the data's "
+                              f"vocabulary ({data.vocab_size}); set it to at least {data.vocab_size}")
+    return plan
 
 
 def _result_from_json(text: str) -> TrialResult:
@@ -99,42 +161,72 @@ def _result_from_json(text: str) -> TrialResult:
     return TrialResult(**fields)
 
 
-class _Trainer:
-    def __init__(self, trial: TrialConfig, runtime: Runtime, workdir: Path, sink: Sink, data: TokenData,
-                 branch_sinks: Callable[[int], Sink], on_eval: Callable[[int, float], bool] | None):
-        self.trial, self.cfg, self.workdir = trial, trial.train, workdir
-        self.data = data.with_unique_tokens(trial.data.unique_tokens, trial.model.seq_len)
-        self.sink, self.branch_sinks, self.on_eval = sink, branch_sinks, on_eval
-        self.plan: Plan = plan_trial(trial, runtime)
-        if data.vocab_size > trial.model.vocab_size:
-            raise TrialSetupError(f"model.vocab_size {trial.model.vocab_size} is smaller than the data's "
-                                  f"vocabulary ({data.vocab_size}); set it to at least {data.vocab_size}")
-        self.device = pick_device(runtime)
-        self.checkpoint_every_s = runtime.checkpoint_every_s
-        torch.manual_seed(self.cfg.seed)
-        self.model = build_model(trial.model, init_std=self.cfg.init_std).to(self.device)
+class PlainEngine:
+    """One trial, one model: the model of models.model, make_optimizer's AdamW; on a group of ranks, wrapped by
+    runners.training.parallel (DDP, or FSDP2 sharding it in place)."""
+
+    def __init__(self, trial: TrialConfig, runtime: Runtime, device: torch.device, group: parallel.Group):
+        self.device, self.train = device, trial.train
+        torch.manual_seed(trial.train.seed)
+        self.model = build_model(trial.model, init_std=trial.train.init_std).to(device)
         self.model.loss_chunk, self.model.bf16_residual = runtime.loss_chunk, runtime.bf16_residual
-        flash4 = wants_flash4(runtime, self.device, trial.model)
+        flash4 = wants_flash4(runtime, device, trial.model)
         self.model.use_flash4(flash4)
-        self.forward = torch.compile(self.model) if wants_compile(runtime, self.device) else self.model
-        self.numerics = numerics(runtime, self.device, flash4)
-        self.optimizer = make_optimizer(self.model, self.cfg, self.device)
-        self.flops_per_token = flops_per_token(trial.model).train_exact
-        self.peak = peak_flops(self.device)
-        self.val = [self._to_device(x, y) for x, y in data.val_batches(trial.model.seq_len, trial.data.val_tokens,
-                                                                         self.plan.micro_seqs)]
-        # Progress, all of it saved in checkpoint.pt.
+        wrapped = parallel.wrap(self.model, runtime, device, group)
+        self.forward = torch.compile(wrapped) if wants_compile(runtime, device) else wrapped
+        self.numerics = numerics(runtime, device, flash4)
+        self.optimizer = make_optimizer(self.model, trial.train, device)
+
+    def stack(self, batches: Sequence[Batch]) -> Batch:
+        (batch,) = batches
+        return batch
+
+    def forward_backward(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, router = accumulate_grads(self.forward, micro_batches, self.device)
+        return loss.reshape(1), router
+
+    def update(self, lrs: Sequence[float]) -> None:
+        apply_update(self.model, self.optimizer, lrs[0], self.train.grad_clip)
+
+    def evaluate(self, batches: list[Batch]) -> torch.Tensor:
+        return evaluate(self.forward, batches, self.device)
+
+    def member(self, i: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        return self.model, self.optimizer
+
+    def set_member(self, i: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        pass  # member() gave the engine's own model and optimizer: loaded in place
+
+    def freeze(self, i: int) -> None:
+        pass  # the only member: its timeline ends with it
+
+
+class Trainer:
+    """Members on one timeline of optimizer steps: they step, evaluate, fork and checkpoint together."""
+
+    def __init__(self, members: list[Timeline], engine: Engine, runtime: Runtime, data: TokenData,
+                 device: torch.device, group: parallel.Group = parallel.Group()):
+        self.members, self.engine, self.device, self.group = members, engine, device, group
+        first = members[0].trial
+        self.data = data.with_unique_tokens(first.data.unique_tokens, first.model.seq_len)  # a pack shares its data
+        self.plan: Plan = plan_trial(first, runtime, group.world)
+        self.seq_len = first.model.seq_len
+        self.checkpoint_every_s = runtime.checkpoint_every_s
+        self.flops_per_token = flops_per_token(first.model).train_exact
+        peak = peak_flops(device)
+        self.peak = peak * group.world if peak else None  # the group's: MFU and tokens/s are the group's
+        val = data.val_batches(self.seq_len, first.data.val_tokens, self.plan.micro_seqs)
+        self.val = [engine.stack([batch] * len(members))
+                    for batch in parallel.val_share([self._to_device(x, y) for x, y in val], group)]
+        # Progress of the timeline, saved in each member's checkpoints.
         self.step = 0
         self.branch: int | None = None  # index into plan.branches while training that branch
-        self.branches_done: list[dict] = []
-        self.loss_min = math.inf
-        self.pending: list[float] = []  # train losses since the last logged point
-        self.final_val: list[float] | None = None  # [loss, bpb] of the main run's latest evaluation
         # This attempt only.
-        self.unsynced: list[torch.Tensor] = []
+        self.unsynced: list[torch.Tensor] = []  # each step's losses, one per member
         self.router: dict[str, torch.Tensor] = {}
         # Throughput of this attempt: [tokens, seconds] of its first logged interval (which holds
-        # torch.compile's warm-up) and of all the later ones, the figure the result reports.
+        # torch.compile's warm-up) and of all the later ones, the figure the result reports. Tokens are
+        # each member's own (a pack's members each see the batch in the same seconds).
         self.first_interval: list[float] | None = None
         self.timed = [0.0, 0.0]
         self.interval_tokens = 0  # tokens trained since the last logged point
@@ -142,9 +234,14 @@ class _Trainer:
         self.last_checkpoint = time.monotonic()
         self.consistent = True  # False while the optimizer is half-way through an update
 
+    @property
+    def active(self) -> list[tuple[int, Timeline]]:
+        return [(i, m) for i, m in enumerate(self.members) if m.result is None]
+
     # --- the loop -------------------------------------------------------------------------------
 
-    def run(self) -> TrialResult:
+    def run(self) -> list[TrialResult]:
+        """Every member's result (each written to its workdir as it ends)."""
         self._resume()
         try:
             while self._advance():
@@ -152,19 +249,20 @@ class _Trainer:
         except KeyboardInterrupt:
             self._save_if_sound()
             raise
-        except Diverged as d:
-            return self._result(names.DIVERGED, diverged_at=d.tokens, error=str(d))
-        except Pruned as p:
-            return self._result(names.PRUNED, error=str(p))
-        return self._result(names.FINISHED)
+        for i, member in self.active:
+            member.write_result(self._result(member, names.FINISHED), self.group)
+        return [member.result for member in self.members]
 
     def _advance(self) -> bool:
-        """One step of the timeline, or one change of phase. False when the main run is done."""
+        """One step of the timeline, or one change of phase. False when the main run is done or no member is left."""
         plan = self.plan
+        if not self.active:
+            return False
         if self.branch is None:
-            due = len(self.branches_done) < len(plan.branches) and plan.branches[len(self.branches_done)]
+            done = len(self.active[0][1].branches_done)
+            due = done < len(plan.branches) and plan.branches[done]
             if due and due.fork_step == self.step:
-                self._fork(len(self.branches_done))
+                self._fork(done)
                 return True
             if self.step == plan.total_steps:
                 return False
@@ -177,86 +275,111 @@ class _Trainer:
             self._flush()
         if self.branch is None and self.step in plan.eval_steps:
             self._evaluate_main()
-        if time.monotonic() - self.last_checkpoint >= self.checkpoint_every_s:
+        if self._checkpoint_due():
             self._save()
         return True
 
+    def _checkpoint_due(self) -> bool:
+        due = time.monotonic() - self.last_checkpoint >= self.checkpoint_every_s
+        if self.group.world == 1:
+            return due
+        # A checkpoint is collective, so the ranks take rank 0's clock; asked at logged steps only, which
+        # wait for the device anyway (the losses come to the host there).
+        return self.step % self.plan.log_every == 0 and self.group.from_main(due)
+
     def _train_step(self) -> None:
         branch = self.plan.branches[self.branch] if self.branch is not None else None
-        lr = lr_at(self.cfg.schedule, self.cfg.lr, self.plan, self.step, branch)
-        loss, self.router = accumulate_grads(self.forward, self._micro_batches(self.step), self.device)
+        lrs = [lr_at(m.trial.train.schedule, m.trial.train.lr, self.plan, self.step, branch) for m in self.members]
+        losses, self.router = self.engine.forward_backward(self._micro_batches(self.step))
         self.consistent = False
-        apply_update(self.model, self.optimizer, lr, self.cfg.grad_clip)
+        self.engine.update(lrs)
         self.step += 1
         self.consistent = True
-        self.unsynced.append(loss)
+        self.unsynced.append(losses)
+
+    def _end(self, i: int, status: str, diverged_at: int | None = None, error: str | None = None) -> None:
+        """Member i stops here (diverged or pruned): its result is written and it takes no more updates."""
+        self.engine.freeze(i)
+        self.members[i].write_result(self._result(self.members[i], status, diverged_at, error), self.group)
 
     # --- phases ---------------------------------------------------------------------------------
 
     def _fork(self, index: int) -> None:
         self._flush()
-        checkpoint.save(self._state(), self.workdir / checkpoint.FORK)
+        for i, _ in self.active:
+            self._checkpoint(i, checkpoint.FORK)
         self.branch = index
         self._save()
 
     def _end_branch(self) -> None:
         branch = self.plan.branches[self.branch]
-        loss = self._validate()
-        bpb = self._bpb(loss)
-        self.branch_sinks(branch.tokens).log({names.VAL_LOSS: loss, names.VAL_BPB: bpb}, branch.tokens)
-        done = [*self.branches_done, dataclasses.asdict(BranchResult(branch.tokens, loss, bpb))]
+        losses = self._validate()
+        done = {}
+        for i, member in self.active:
+            bpb = self._bpb(losses[i])
+            member.branch_sinks(branch.tokens).log({names.VAL_LOSS: losses[i], names.VAL_BPB: bpb}, branch.tokens)
+            done[i] = [*member.branches_done, dataclasses.asdict(BranchResult(branch.tokens, losses[i], bpb))]
         self.consistent = False
-        # The fork's state holds the divergence tracker too: the branch's decayed, lower losses must
-        # not become the minimum that the main run's losses are held against.
-        self._load(checkpoint.load(self.workdir / checkpoint.FORK, self.device))
-        self.branches_done = done
+        for i, member in self.active:
+            # The fork's state holds the divergence tracker too: the branch's decayed, lower losses must
+            # not become the minimum that the main run's losses are held against.
+            self._load(i, checkpoint.FORK)
+            member.branches_done = done[i]
         self.consistent = True
         self._save()
 
     def _evaluate_main(self) -> None:
         self._flush()
-        loss = self._validate()
+        losses = self._validate()
         tokens = self.step * self.plan.batch_size
-        self.final_val = [loss, self._bpb(loss)]
-        self.sink.log({names.VAL_LOSS: loss, names.VAL_BPB: self.final_val[1]}, tokens)
-        if self.on_eval is not None and self.on_eval(tokens, loss) and self.step < self.plan.total_steps:
-            raise Pruned(f"pruned at {tokens} tokens (val loss {loss:.4f})")
+        for i, member in self.active:
+            member.final_val = [losses[i], self._bpb(losses[i])]
+            member.sink.log({names.VAL_LOSS: losses[i], names.VAL_BPB: member.final_val[1]}, tokens)
+            asked = member.on_eval is not None and member.on_eval(tokens, losses[i])
+            if self.group.from_main(asked) and self.step < self.plan.total_steps:  # the pruner asks rank 0
+                self._end(i, names.PRUNED, error=f"pruned at {tokens} tokens (val loss {losses[i]:.4f})")
 
     # --- evaluation and logging -----------------------------------------------------------------
 
-    def _validate(self) -> float:
+    def _validate(self) -> list[float]:
         started = time.perf_counter()
-        loss = evaluate(self.forward, self.val, self.device)
+        total, count = self.group.sum(self.engine.evaluate(self.val))
         self.clock += time.perf_counter() - started  # evaluation time is not training time
-        return loss
+        return (total / count).reshape(-1).tolist()
 
     def _bpb(self, loss: float) -> float:
         return loss / math.log(2) / self.data.val_bytes_per_token
 
     def _sync(self) -> None:
-        """Bring the step losses to the host and check them for divergence."""
+        """Bring the step losses to the host and check each member's for divergence."""
         if not self.unsynced:
             return
-        losses = torch.stack(self.unsynced).tolist()
+        losses = self.group.mean(torch.stack(self.unsynced)).tolist()  # [steps][members], the group's means
         first = self.step - len(losses)
         self.unsynced = []
         self.interval_tokens += len(losses) * self.plan.batch_size
-        for i, loss in enumerate(losses):
-            step = first + i  # the update that gave this loss
+        for i, member in self.active:
+            self._track(i, member, first, [step_losses[i] for step_losses in losses])
+
+    def _track(self, i: int, member: Timeline, first: int, losses: list[float]) -> None:
+        """Member i's losses of the steps from `first` on: pending for its next point, or its divergence."""
+        cfg = member.trial.train
+        for offset, loss in enumerate(losses):
+            step = first + offset  # the update that gave this loss
             tokens = (step + 1) * self.plan.batch_size
             if not math.isfinite(loss):
-                raise Diverged(tokens, f"train loss {loss} at {tokens} tokens")
-            if step >= self.plan.warmup_steps and loss > self.cfg.spike_threshold * self.loss_min:
-                raise Diverged(tokens, f"train loss {loss:.4g} at {tokens} tokens is over "
-                                       f"{self.cfg.spike_threshold} x its running minimum {self.loss_min:.4g}")
-            self.loss_min = min(self.loss_min, loss)
-            self.pending.append(loss)
+                return self._end(i, names.DIVERGED, tokens, f"train loss {loss} at {tokens} tokens")
+            if step >= self.plan.warmup_steps and loss > cfg.spike_threshold * member.loss_min:
+                return self._end(i, names.DIVERGED, tokens, f"train loss {loss:.4g} at {tokens} tokens is over "
+                                 f"{cfg.spike_threshold} x its running minimum {member.loss_min:.4g}")
+            member.loss_min = min(member.loss_min, loss)
+            member.pending.append(loss)
 
     def _flush(self) -> None:
-        """Log the train loss since the last point, with lr, FLOPs, throughput and epochs."""
+        """Log each member's train loss since its last point, with lr, FLOPs, throughput and epochs."""
         self._sync()
         now = time.perf_counter()
-        if not self.pending:
+        if not any(member.pending for _, member in self.active):
             return
         tokens = self.step * self.plan.batch_size
         seconds = now - self.clock
@@ -267,58 +390,76 @@ class _Trainer:
             self.timed = [self.timed[0] + self.interval_tokens, self.timed[1] + seconds]
         self.clock, self.interval_tokens = now, 0
         branch = self.plan.branches[self.branch] if self.branch is not None else None
-        metrics = {
-            names.TRAIN_LOSS: float(np.mean(self.pending)),
-            names.LR: lr_at(self.cfg.schedule, self.cfg.lr, self.plan, self.step - 1, branch),
-            names.FLOPS: self.flops_per_token * tokens,
-            names.TOKENS_PER_S: tokens_per_s,
-            names.EPOCHS: self.data.epochs(tokens, self.trial.model.seq_len),
-            **dict(zip([names.ROUTER_PREFIX + k for k in self.router], self._host(self.router.values()))),
-        }
-        if self.peak:
-            metrics[names.MFU] = self.flops_per_token * tokens_per_s / self.peak
-        (self.branch_sinks(branch.tokens) if branch else self.sink).log(metrics, tokens)
-        self.pending = []
+        router = self._router_by_member()
+        for i, member in self.active:
+            cfg = member.trial.train
+            metrics = {
+                names.TRAIN_LOSS: float(np.mean(member.pending)),
+                names.LR: lr_at(cfg.schedule, cfg.lr, self.plan, self.step - 1, branch),
+                names.FLOPS: self.flops_per_token * tokens,
+                names.TOKENS_PER_S: tokens_per_s,
+                names.EPOCHS: self.data.epochs(tokens, self.seq_len),
+                **router[i],
+            }
+            if self.peak:
+                metrics[names.MFU] = self.flops_per_token * tokens_per_s / self.peak
+            (member.branch_sinks(branch.tokens) if branch else member.sink).log(metrics, tokens)
+            member.pending = []
 
-    @staticmethod
-    def _host(values) -> list[float]:
-        """Scalars on the device as floats, in one transfer."""
-        values = list(values)
-        return torch.stack(values).tolist() if values else []
+    def _router_by_member(self) -> list[dict[str, float]]:
+        """Each member's router statistics (the step's, per layer) as floats, in one transfer."""
+        if not self.router:
+            return [{} for _ in self.members]
+        values = self.group.mean(torch.stack([v.reshape(-1) for v in self.router.values()])).tolist()  # [statistics][members]
+        keys = [names.ROUTER_PREFIX + k for k in self.router]
+        return [dict(zip(keys, column)) for column in zip(*values)]
 
     # --- checkpoints ----------------------------------------------------------------------------
 
-    def _state(self) -> dict[str, Any]:
-        return checkpoint.capture(self.model, self.optimizer, step=self.step, branch=self.branch,
-                                  branches_done=self.branches_done, loss_min=self.loss_min, pending=self.pending,
-                                  final_val=self.final_val)
+    def _checkpoint(self, i: int, name: str) -> None:
+        member = self.members[i]
+        progress = {"step": self.step, "branch": self.branch, "branches_done": member.branches_done,
+                    "loss_min": member.loss_min, "pending": member.pending, "final_val": member.final_val}
+        checkpoint.save(member.workdir, name, *self.engine.member(i), progress, self.group)
 
     def _save(self) -> None:
         started = time.perf_counter()
         self._sync()
-        make_durable([self.sink, *map(self.branch_sinks, self.trial.train.schedule.branches)])
-        checkpoint.save(self._state(), self.workdir / checkpoint.LATEST)
+        for i, member in self.active:
+            make_durable(member.sinks())
+            self._checkpoint(i, checkpoint.LATEST)
         self.last_checkpoint = time.monotonic()
         self.clock += time.perf_counter() - started
 
     def _save_if_sound(self) -> None:
-        """Checkpoint on the way out, unless interrupted mid-update or diverged (the last checkpoint stands)."""
+        """Checkpoint on the way out, unless interrupted mid-update (the last checkpoint stands)."""
         if self.consistent:
-            try:
-                self._save()
-            except Diverged:
-                pass
+            self._save()
 
-    def _load(self, state: dict[str, Any]) -> None:
-        progress = checkpoint.restore(state, self.model, self.optimizer)
+    def _load(self, i: int, name: str) -> None:
+        """Member i from its checkpoint `name` (there is one); the first member loaded sets the timeline's step
+        and phase."""
+        model, optimizer = self.engine.member(i)
+        progress = checkpoint.load(self.members[i].workdir, name, model, optimizer, self.group, self.device)
+        self.engine.set_member(i, model, optimizer)
+        member = self.members[i]
+        if i != self.active[0][0] and (progress["step"], progress["branch"]) != (self.step, self.branch):
+            raise ValueError(f"{member.workdir}: checkpoint at step {progress['step']}, branch {progress['branch']}, "
+                             f"not the pack's step {self.step}, branch {self.branch}")
         self.step, self.branch = progress["step"], progress["branch"]
-        self.branches_done, self.loss_min = progress["branches_done"], progress["loss_min"]
-        self.pending, self.final_val, self.unsynced = progress["pending"], progress["final_val"], []
+        member.branches_done, member.loss_min = progress["branches_done"], progress["loss_min"]
+        member.pending, member.final_val = progress["pending"], progress["final_val"]
+        self.unsynced = []
 
     def _resume(self) -> None:
-        state = checkpoint.load(self.workdir / checkpoint.LATEST, self.device)
-        if state is not None:
-            self._load(state)
+        """Every member from its checkpoint LATEST; they must all have one (at one step and phase) or none."""
+        saved = {i: checkpoint.progress(member.workdir, checkpoint.LATEST) is not None for i, member in self.active}
+        if len(set(saved.values())) > 1:
+            raise ValueError("some members of the pack have a checkpoint and some not; pack them by progress "
+                             "(runners.training.pack.run_pack does)")
+        for i, has in saved.items():
+            if has:
+                self._load(i, checkpoint.LATEST)
         self.clock = time.perf_counter()
 
     # --- data -----------------------------------------------------------------------------------
@@ -330,29 +471,33 @@ class _Trainer:
         return x, y
 
     def _micro_batches(self, step: int) -> list[Batch]:
-        """The step's batch (a function of step and seed alone), cut into micro-batches."""
+        """Each member's batch of the step (a function of step and its seed alone; on a group, this rank's share
+        of it), as one input cut into micro-batches along the sequences."""
         plan = self.plan
-        x, y = self.data.train_batch(step * plan.seqs_per_step, plan.seqs_per_step, self.trial.model.seq_len,
-                                     self.cfg.seed)
-        x, y = self._to_device(x, y)
-        return list(zip(x.split(plan.micro_seqs), y.split(plan.micro_seqs)))
+        first, count = parallel.rank_slice(plan.seqs_per_step, self.group)  # this rank's share of the batch
+        x, y = self.engine.stack([
+            self._to_device(*self.data.train_batch(step * plan.seqs_per_step + first, count, self.seq_len,
+                                                   member.trial.train.seed))
+            for member in self.members])
+        return list(zip(x.split(plan.micro_seqs, dim=-2), y.split(plan.micro_seqs, dim=-2)))
 
     def _end_step(self) -> int:
         return self.plan.branches[self.branch].end_step if self.branch is not None else self.plan.total_steps
 
     # --- result ---------------------------------------------------------------------------------
 
-    def _result(self, status: str, diverged_at: int | None = None, error: str | None = None) -> TrialResult:
+    def _result(self, member: Timeline, status: str, diverged_at: int | None = None,
+                error: str | None = None) -> TrialResult:
         main_step = self.step if self.branch is None else self.plan.branches[self.branch].fork_step
         tokens = main_step * self.plan.batch_size
-        final = self.final_val if status == names.FINISHED else None
+        final = member.final_val if status == names.FINISHED else None
         timed_tokens, seconds = self.timed if self.timed[1] > 0 else (self.first_interval or [0.0, 0.0])
         tokens_per_s = timed_tokens / seconds if seconds > 0 else 0.0
         return TrialResult(
             status=status, final_val_loss=final[0] if final else None, final_val_bpb=final[1] if final else None,
-            tokens=tokens, branches=[BranchResult(**b) for b in self.branches_done],
-            repeats_data=self.data.epochs(tokens, self.trial.model.seq_len) > 1.0,
+            tokens=tokens, branches=[BranchResult(**b) for b in member.branches_done],
+            repeats_data=self.data.epochs(tokens, self.seq_len) > 1.0,
             diverged_at_tokens=diverged_at, error=error, tokens_per_s=tokens_per_s,
             mfu=self.flops_per_token * tokens_per_s / self.peak if self.peak and tokens_per_s else None,
-            numerics=self.numerics,
+            numerics=self.engine.numerics,
         )
