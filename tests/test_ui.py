@@ -91,7 +91,7 @@ def test_a_sweep_reads_back_as_the_ui_shows_it(tmp_path, sqlite_uri):
 @pytest.mark.slow
 def test_the_runs_page_in_a_headless_browser(tmp_path, sqlite_uri):
     """The quickstart as `scaling ui` shows it, from its committed points and law (no training): a screenshot of
-    the runs page. Skipped without Chromium; SCALING_SCREENSHOT=docs/ui-runs.png keeps the picture (README's)."""
+    the runs page. Skipped without Chromium; SCALING_SCREENSHOT=results/quickstart/ui-runs.png keeps the picture (README's)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("no chromium on PATH (apt-get install chromium)")
