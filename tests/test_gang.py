@@ -11,7 +11,6 @@ import signal
 import pytest
 import torch
 
-from runners.cli import main
 from runners.scheduling.worker import NOSET_CUDA
 from runners.tracking import names
 from runners.tracking.runs import SweepRuns

@@ -125,14 +125,20 @@ def test_diverged_and_pruned_members_stop_while_the_others_go_on(data, tmp_path,
     assert_same_curves(members[0], twin)
 
 
+def packed_and_alone(pack_trials, runtime, data, tmp_path):
+    """Train the trials as one pack, then each alone: (pack member, its result, its twin, the twin's result)."""
+    pack = [member(t, tmp_path / f"member{i}") for i, t in enumerate(pack_trials)]
+    results = run_pack(pack, runtime, data=data)
+    for i, (trial, m, result) in enumerate(zip(pack_trials, pack, results)):
+        twin = member(trial, tmp_path / f"alone{i}")
+        yield m, result, twin, run_trial(trial, runtime, twin.workdir, twin.sink, data=data,
+                                         branch_sinks=twin.branch_sinks)
+
+
 def test_moe_members_reproduce_their_unpacked_curves_and_router_statistics(data, tmp_path):
     base = make_trial(data, 20, family="moe", kind="constant")
     moe = [base, base.model_copy(update={"train": base.train.model_copy(update={"lr": 3e-3, "seed": 1})})]
-    pack = [member(t, tmp_path / f"member{i}") for i, t in enumerate(moe)]
-    results = run_pack(pack, CPU, data=data)
-    for i, (trial, m, result) in enumerate(zip(moe, pack, results)):
-        twin = member(trial, tmp_path / f"alone{i}")
-        expected = run_trial(trial, CPU, twin.workdir, twin.sink, data=data, branch_sinks=twin.branch_sinks)
+    for m, result, twin, expected in packed_and_alone(moe, CPU, data, tmp_path):
         assert result.final_val_loss == pytest.approx(expected.final_val_loss, rel=1e-5)
         router = [key for key in twin.sink.points if key.startswith(names.ROUTER_PREFIX)]
         assert router and sorted(m.sink.points) == sorted(twin.sink.points)
@@ -144,11 +150,7 @@ def test_accumulated_micro_batches_train_each_member_as_alone(data, tmp_path):
     accumulate = CPU.model_copy(update={"micro_batch_size": 4})  # two micro-batches of a step's 8 sequences
     base = make_trial(data, 12, kind="constant")
     pair = [base, base.model_copy(update={"train": base.train.model_copy(update={"lr": 3e-3, "seed": 1})})]
-    pack = [member(t, tmp_path / f"member{i}") for i, t in enumerate(pair)]
-    results = run_pack(pack, accumulate, data=data)
-    for i, (trial, m, result) in enumerate(zip(pair, pack, results)):
-        twin = member(trial, tmp_path / f"alone{i}")
-        expected = run_trial(trial, accumulate, twin.workdir, twin.sink, data=data, branch_sinks=twin.branch_sinks)
+    for m, result, twin, expected in packed_and_alone(pair, accumulate, data, tmp_path):
         assert result.final_val_loss == pytest.approx(expected.final_val_loss, rel=1e-5)
         assert m.sink.points[names.TRAIN_LOSS] == pytest.approx(twin.sink.points[names.TRAIN_LOSS], rel=1e-5)
 
