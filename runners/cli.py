@@ -158,7 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    """SIGTERM as Ctrl-C, taken by whoever takes Ctrl-C now (the sweep's loop takes it between polls)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from pathlib import Path
 import ray
 
 from runners.tracking import names
+from runners.tracking.interrupts import check_interrupt, deferred_interrupts
 from runners.tracking.labels import branch_run_name, trial_run_name
 from runners.scheduling.progress import Board, SweepProgress
 from runners.scheduling.gang import Gang, run_gang
@@ -183,10 +184,11 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
                     progress.submitted(p.trial_id, p.compute_exact)
 
     try:
-        with progress:
+        with deferred_interrupts(), progress:
             submit()
             pending = list(refs)
             while pending:
+                check_interrupt()  # Ctrl-C, taken between polls (runners.tracking.interrupts says why)
                 ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
                 progress.update(ray.get(board.snapshot.remote()))
                 for ref in ready:
@@ -208,7 +210,8 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
                 pending += list(refs)[n_before:]
     except KeyboardInterrupt:
         outcome.interrupted = True
-        _stop(refs, board, ids, runs, outcome)
+        with deferred_interrupts():  # a second Ctrl-C waits until the trials are marked killed
+            _stop(refs, board, ids, runs, outcome)
     return outcome
 
 

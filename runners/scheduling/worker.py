@@ -20,6 +20,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from runners.tracking import names
+from runners.tracking.interrupts import deferred_interrupts
 from runners.tracking.runs import MlflowSink, client, set_status
 from sweeps.trial import Runtime, TrialConfig
 
@@ -126,6 +127,7 @@ def group_tags(placed: list[dict[str, str]], runtime: Runtime) -> dict[str, str]
     return tags
 
 
+@deferred_interrupts()  # Ray's cancel is taken between steps, never inside a store call
 def run_job(job: TrialJob, on_eval=None) -> dict:
     """Train one trial to the end (resuming if its folder holds a checkpoint); returns its TrialResult as a dict.
     In a gang, every rank calls this; rank 0's `on_eval` alone is asked (the group follows its answer)."""
@@ -150,6 +152,7 @@ def run_job(job: TrialJob, on_eval=None) -> dict:
     return dataclasses.asdict(result)
 
 
+@deferred_interrupts()
 def run_pack_job(job: PackJob, on_eval: Callable[[str], Callable[[int, float], bool] | None]) -> list[dict]:
     """Train a pack's members together as one stacked model (runners.training.pack), each resuming from its own
     folder and logging into its own runs, as run_job does for one; returns each member's TrialResult as a dict.

@@ -9,7 +9,7 @@ would have seen.
 
 Checkpoint LATEST always holds where the trial is: the phase (main run or which branch), the step,
 the branches finished so far, and the divergence tracker. A trial that is killed or cancelled
-(KeyboardInterrupt, as Ray delivers it) starts again from there and ends with the same numbers
+(KeyboardInterrupt, as Ray delivers it, taken between steps) starts again from there and ends with the same numbers
 (bit for bit on the CPU; on the GPU up to the nondeterminism of its kernels). `result.json` marks a
 trial that has ended, so a retried worker returns its result at once, and its checkpoints are deleted.
 
@@ -46,6 +46,7 @@ import torch
 from models import flops_per_token
 from runners.data.store import TokenData
 from runners.tracking import names
+from runners.tracking.interrupts import check_interrupt, deferred_interrupts
 from runners.training import checkpoint, parallel
 from runners.training.result import BranchResult, TrialResult
 from runners.training.schedule import Plan, TrialSetupError, lr_at, plan_trial
@@ -170,7 +171,6 @@ class Trainer:
         self.interval_tokens = 0  # tokens trained since the last logged point
         self.clock = time.perf_counter()
         self.last_checkpoint = time.monotonic()
-        self.consistent = True  # False while the optimizer is half-way through an update
 
     @property
     def active(self) -> list[tuple[int, Timeline]]:
@@ -181,12 +181,13 @@ class Trainer:
     def run(self) -> list[TrialResult]:
         """Every member's result (each written to its workdir as it ends)."""
         self._resume()
-        try:
-            while self._advance():
-                pass
-        except KeyboardInterrupt:
-            self._save_if_sound()
-            raise
+        with deferred_interrupts():
+            try:
+                while self._advance():
+                    check_interrupt()  # Ctrl-C or Ray's cancel, taken between steps
+            except KeyboardInterrupt:
+                self._save()
+                raise
         for i, member in self.active:
             member.write_result(self._result(member, names.FINISHED), self.group)
         return [member.result for member in self.members]
@@ -229,10 +230,8 @@ class Trainer:
         branch = self.plan.branches[self.branch] if self.branch is not None else None
         lrs = [lr_at(m.trial.train.schedule, m.trial.train.lr, self.plan, self.step, branch) for m in self.members]
         losses, self.router = self.engine.forward_backward(self._micro_batches(self.step))
-        self.consistent = False
         self.engine.update(lrs)
         self.step += 1
-        self.consistent = True
         self.unsynced.append(losses)
 
     def _end(self, i: int, status: str, diverged_at: int | None = None, error: str | None = None) -> None:
@@ -257,13 +256,11 @@ class Trainer:
             bpb = self._bpb(losses[i])
             member.branch_sinks(branch.tokens).log({names.VAL_LOSS: losses[i], names.VAL_BPB: bpb}, branch.tokens)
             done[i] = [*member.branches_done, dataclasses.asdict(BranchResult(branch.tokens, losses[i], bpb))]
-        self.consistent = False
         for i, member in self.active:
             # The fork's state holds the divergence tracker too: the branch's decayed, lower losses must
             # not become the minimum that the main run's losses are held against.
             self._load(i, checkpoint.FORK)
             member.branches_done = done[i]
-        self.consistent = True
         self._save()
 
     def _evaluate_main(self) -> None:
@@ -368,11 +365,6 @@ class Trainer:
             self._checkpoint(i, checkpoint.LATEST)
         self.last_checkpoint = time.monotonic()
         self.clock += time.perf_counter() - started
-
-    def _save_if_sound(self) -> None:
-        """Checkpoint on the way out, unless interrupted mid-update (the last checkpoint stands)."""
-        if self.consistent:
-            self._save()
 
     def _load(self, i: int, name: str) -> None:
         """Member i from its checkpoint `name` (there is one); the first member loaded sets the timeline's step
