@@ -3,6 +3,9 @@
     python -m fitting.prediction register --law results/S/law.json --compute 6e14 --out results/S/prediction.json
     python -m fitting.prediction score --prediction results/S/prediction.json --points results/H/points.csv
 
+With --unique-tokens U, the prediction is the optimum when only U unique tokens exist (the law file's
+data_constrained section), and `score` takes the held-out points trained on U unique tokens.
+
 `register` records N_opt, D_opt and the loss at the optimum with their bootstrap intervals, and the loss's
 total interval (bootstrap plus the law's measured extrapolation error; fitting/lawfile.py). `score`
 reads the held-out budget's final points, takes their IsoFLOP minimum (the robust quadratic in log N of
@@ -26,10 +29,10 @@ from fitting.lawfile import load_law
 from fitting.table import check
 
 
-def register(law_path: Path, compute: float, E: int = 1) -> dict:
-    optimal = load_law(law_path).optimal(compute, E=E)
+def register(law_path: Path, compute: float, E: int = 1, unique_tokens: float | None = None) -> dict:
+    optimal = load_law(law_path).optimal(compute, E=E, unique_tokens=unique_tokens)
     return {"registered_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "law": str(law_path),
-            "compute": compute, "E": E, "predicted": optimal}
+            "compute": compute, "E": E, "unique_tokens": unique_tokens, "predicted": optimal}
 
 
 def score(prediction: dict, points: pd.DataFrame) -> dict:
@@ -38,6 +41,11 @@ def score(prediction: dict, points: pd.DataFrame) -> dict:
         table = table[table.E == prediction["E"]]
     if "budget" in table:
         table = table[np.isclose(table.budget.astype(float), prediction["compute"], rtol=0.01)]
+    if prediction.get("unique_tokens") is not None:
+        if "unique_tokens" not in table:
+            raise FitInputError("the prediction is for a unique-token budget; the points need a unique_tokens column")
+        # a cap is rounded to whole sequences when a trial is set up (3e6 -> 3000064): 1% tells budgets apart
+        table = table[np.isclose(table.unique_tokens.astype(float), prediction["unique_tokens"], rtol=0.01)]
     if table.N.nunique() < 3:
         raise FitInputError(f"scoring needs the final points of at least 3 sizes at the held-out budget; found {table.N.nunique()}")
     profile = quadratic_minimum(np.log(table.N.to_numpy(float)), table.loss.to_numpy(float))
@@ -66,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--law", type=Path, required=True)
     p.add_argument("--compute", type=float, required=True)
     p.add_argument("--E", type=int, default=1)
+    p.add_argument("--unique-tokens", type=float, default=None,
+                   help="the optimum when only this many unique tokens exist (a data_constrained law)")
     p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("score")
     p.add_argument("--prediction", type=Path, required=True)
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "register":
-            doc, out = register(args.law, args.compute, args.E), args.out
+            doc, out = register(args.law, args.compute, args.E, args.unique_tokens), args.out
         else:
             doc, out = score(json.loads(args.prediction.read_text()), pd.read_csv(args.points)), args.prediction
     except FitInputError as e:

@@ -127,3 +127,27 @@ def test_a_law_fitted_with_holdout_above_counts_the_distance_from_its_own_data(t
     assert law.optimal(3e19)["systematic_rel"] == pytest.approx(rms)  # the backtest's own distance: 3x from 1e19
     assert law.optimal(9e19)["systematic_rel"] == pytest.approx(2 * rms)  # 9x from 1e19
     assert law.optimal(9e19)["loss_ci_total"] is not None  # no bootstrap: the systematic term alone
+
+
+def test_a_prediction_under_a_unique_token_budget_is_scored_on_that_budget_only(tmp_path):
+    """Registered from a data_constrained law at (C, U); the held-out table also holds the same budget trained on
+    fresh data, which a score that ignored U would take (its minimum is lower: repetition costs loss)."""
+    from fitting import laws
+    from runners.bench.fit import MUENNIGHOFF, repeated_points
+
+    section = fit_law(repeated_points(seed=0), "data_constrained", bootstrap=20, seed=0,
+                      grid={"e": (0.5,), "a": (5.0,), "b": (5.0,), "alpha": (0.5,), "beta": (0.5,)})
+    law = write(tmp_path / "law.json", document({"data_constrained": section}, conventions=CONVENTIONS, meta={}))
+    C, U = 1e20, 3e9
+    prediction = register(law, C, unique_tokens=U)
+    assert prediction["unique_tokens"] == U and prediction["predicted"]["law"] == "data_constrained"
+    N = np.geomspace(*np.sqrt(C / 6 / np.array([100.0, 3.0])), 7)
+    held_out = pd.concat([pd.DataFrame({"N": N, "D": C / (6 * N), "C": C, "budget": C, "final": True, "E": 1,
+                                        "unique_tokens": u, "loss": laws.data_constrained(N, C / (6 * N), u, **MUENNIGHOFF)})
+                          for u in (U * 1.00002, 1e13)])  # the cap as a trial rounds it to whole sequences
+    scored = score(prediction, held_out)
+    true_min = min(laws.data_constrained(n, C / (6 * n), U, **MUENNIGHOFF) for n in np.geomspace(N[0], N[-1], 20_001))
+    assert scored["scored_points"] == 7 and abs(scored["rel_error"]) < 0.01
+    assert scored["actual_loss"] == pytest.approx(true_min, rel=2e-3)
+    with pytest.raises(Exception, match="unique_tokens column"):
+        score(prediction, held_out.drop(columns="unique_tokens"))
