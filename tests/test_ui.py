@@ -66,9 +66,9 @@ def check_sweep_in_mlflow(client: MlflowClient, sweep: str, description: str, pa
         if r.data.tags[names.TAG_ROLE] == names.ROLE_BRANCH:
             assert RUN_NAME.match(r.info.run_name.split(" > D")[0]) and " > D" in r.info.run_name
             # nested under its trial's run, not under the sweep's: the trials stay rows of their own
-            assert r.data.tags["mlflow.parentRunId"] == run_of[r.data.tags[names.TAG_PARENT_TRIAL]]
+            assert r.data.tags[names.PARENT_RUN] == run_of[r.data.tags[names.TAG_PARENT_TRIAL]]
         else:
-            assert "mlflow.parentRunId" not in r.data.tags
+            assert names.PARENT_RUN not in r.data.tags
     metrics, tags = parent.data.metrics, parent.data.tags
     for k in ("alpha", "beta", "a"):
         key = f"law/chinchilla/{k}"

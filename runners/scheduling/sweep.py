@@ -9,8 +9,9 @@ cancellation. A trial that spans several workers is one such task that starts a 
 (runners.scheduling.gang, which says why Ray Train there).
 
 Trials that differ only in lr, seed or optimiser knobs are packed (runtime.pack 'auto'; sweeps/packs.py,
-resources.tasks): one task trains them as one stacked model. Every member keeps its own MLflow run (made
-here, as for a lone trial), checkpoint folder and status; a member already done is left out of its pack.
+resources.tasks): one task trains them as one stacked model. Every member keeps its own MLflow run (planned
+here and opened when the pack starts, as a lone trial's when it starts), checkpoint folder and status; a member
+already done is left out of its pack.
 A gang is never packed.
 """
 

@@ -160,7 +160,7 @@ def _open_run(mlflow_client: MlflowClient, request: RunRequest, parent_run_id: s
         tags = {names.TAG_ROLE: request.role, names.TAG_SWEEP: request.sweep, names.TAG_TRIAL_ID: request.trial_id,
                 names.TAG_STATUS: names.RUNNING, "mlflow.runName": request.run_name} | request.tags
         if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
+            tags[names.PARENT_RUN] = parent_run_id
         run_id = mlflow_client.create_run(request.experiment_id, start_time=int(time.time() * 1000), tags=tags,
                                           run_name=request.run_name).info.run_id
     logged = mlflow_client.get_run(run_id).data.params
