@@ -93,8 +93,13 @@ def cmd_ui(args) -> int:
     env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", "1"]
+    from mlflow.exceptions import MlflowException
+
     base = runs_url_base(args.host, args.port)
-    links = sweep_links(client(uri), base)  # read before the server starts: it never shares the store's first write
+    try:  # read before the server starts, so the two never both create a new store's tables
+        links = sweep_links(client(uri), base)
+    except MlflowException:  # a store the server cannot open either: it says why (--verbose)
+        links = []
     print(f"MLflow UI for {uri} on {base} (Ctrl-C stops it)", flush=True)
     for sweep, url in links:  # each sweep's runs page, filtered to its trials (runners.tracking.runs.trials_filter)
         print(f"  {sweep}: {url}", flush=True)
