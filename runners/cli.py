@@ -87,13 +87,22 @@ def cmd_status(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from runners.tracking.runs import tracking_uri
+    from runners.tracking.runs import client, runs_url_base, sweep_links, tracking_uri
 
     uri = args.uri or tracking_uri()
     env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", "1"]
-    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    from mlflow.exceptions import MlflowException
+
+    base = runs_url_base(args.host, args.port)
+    try:  # read before the server starts, so the two never both create a new store's tables
+        links = sweep_links(client(uri), base)
+    except MlflowException:  # a store the server cannot open either: it says why (--verbose)
+        links = []
+    print(f"MLflow UI for {uri} on {base} (Ctrl-C stops it)", flush=True)
+    for sweep, url in links:  # each sweep's runs page, filtered to its trials (runners.tracking.runs.trials_filter)
+        print(f"  {sweep}: {url}", flush=True)
     # its own process group: the server's workers are its children, and stopping the UI stops them all
     server = subprocess.Popen(cmd, env=env, start_new_session=True,
                               stdout=None if args.verbose else subprocess.DEVNULL, stderr=None if args.verbose else subprocess.DEVNULL)

@@ -23,7 +23,7 @@ from runners.job import refuse_if_lost
 from runners.scheduling.resources import gang_size, pack_capacity, tasks
 from runners.scheduling.search import GridSource, SearchSource
 from runners.scheduling.sweep import SweepOutcome, connect, run_trials
-from runners.tracking.runs import SweepRuns
+from runners.tracking.runs import SweepRuns, ui_base_url
 from sweeps.expand import Cell, HparamsAt, PlannedTrial, cells, expand
 from sweeps.errors import SpecError
 from sweeps.spec import SweepSpec
@@ -213,12 +213,20 @@ def _run(spec: SweepSpec, trials, runs: SweepRuns, *, address: str | None, fit: 
         if started:
             ray.shutdown()
     _print_outcome(outcome)
+    _print_link(runs)
     if outcome.interrupted:
         console.print("stopped: running trials were checkpointed and marked killed; run the same command to resume")
         return 130
     if fit:
         export(spec, runs)
     return 0 if not outcome.errors else 1
+
+
+def _print_link(runs: SweepRuns) -> None:
+    """Where the sweep's trials are in the MLflow UI: its runs page filtered to them (runners.tracking.runs)."""
+    base = ui_base_url(runs.uri)
+    served = "" if base == runs.uri.rstrip("/") else " (after `scaling ui`)"
+    console.print(f"trials in the MLflow UI{served}: {runs.trials_url(base)}", soft_wrap=True, highlight=False)
 
 
 def _print_outcome(outcome: SweepOutcome) -> None:

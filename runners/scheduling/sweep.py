@@ -9,8 +9,9 @@ cancellation. A trial that spans several workers is one such task that starts a 
 (runners.scheduling.gang, which says why Ray Train there).
 
 Trials that differ only in lr, seed or optimiser knobs are packed (runtime.pack 'auto'; sweeps/packs.py,
-resources.tasks): one task trains them as one stacked model. Every member keeps its own MLflow run (made
-here, as for a lone trial), checkpoint folder and status; a member already done is left out of its pack.
+resources.tasks): one task trains them as one stacked model. Every member keeps its own MLflow run (planned
+here and opened when the pack starts, as a lone trial's when it starts), checkpoint folder and status; a member
+already done is left out of its pack.
 A gang is never packed.
 """
 
@@ -34,8 +35,8 @@ from runners.scheduling.gang import Gang, run_gang
 from runners.scheduling import resources
 from runners.scheduling.resources import gang_size, ray_options
 from runners.scheduling.search import GridSource, Pruning, SearchSource, pruning_callback
-from runners.tracking.runs import SweepRuns, flatten, set_status
-from runners.scheduling.worker import NOSET_CUDA, PackJob, TrialJob, run_job, run_pack_job
+from runners.tracking.runs import RunRequest, SweepRuns, find_run, flatten, open_run, set_status
+from runners.scheduling.worker import NOSET_CUDA, PackJob, TrialJob, open_runs, run_job, run_pack_job
 from sweeps.expand import PlannedTrial
 from sweeps.spec import SweepSpec
 
@@ -65,16 +66,34 @@ def branch_id(trial_id: str, end: int) -> str:
     return f"{trial_id}-b{end}"
 
 
-def register(runs: SweepRuns, p: PlannedTrial) -> tuple[str, dict[int, str]]:
-    """Create (or find) the trial's run and its branches' runs: (run id, {branch end: run id})."""
+def requests(runs: SweepRuns, p: PlannedTrial) -> tuple[RunRequest, dict[int, RunRequest]]:
+    """The trial's run and its branches' runs as the worker will open them when it starts the trial (nothing is
+    written now: a run's start time is when its trial starts, not when the sweep queues it)."""
     params = trial_params(p)
-    run_id = runs.trial_run(p.trial_id, params, run_name=trial_run_name(p))
+    run = runs.request(p.trial_id, params, run_name=trial_run_name(p))
     branches = {
-        end: runs.trial_run(branch_id(p.trial_id, end), params | {names.PARAM_D: str(end)}, role=names.ROLE_BRANCH,
-                            tags={names.TAG_PARENT_TRIAL: p.trial_id}, run_name=branch_run_name(p, end))
+        end: runs.request(branch_id(p.trial_id, end), params | {names.PARAM_D: str(end)}, role=names.ROLE_BRANCH,
+                          tags={names.TAG_PARENT_TRIAL: p.trial_id}, run_name=branch_run_name(p, end))
         for end in p.trial.train.schedule.branches
     }
-    return run_id, branches
+    return run, branches
+
+
+def register(runs: SweepRuns, p: PlannedTrial) -> tuple[str, dict[int, str]]:
+    """Open (create, or find) the trial's run and its branches' runs now: (run id, {branch end: run id})."""
+    run, branches = requests(runs, p)
+    return open_runs(runs.client, run, branches)
+
+
+def trial_job(spec: SweepSpec, runs: SweepRuns, p: PlannedTrial, cache_dir: Path | None) -> TrialJob:
+    """What a worker needs to train `p`, with the runs it opens when it starts (nothing is written to MLflow now)."""
+    run, branches = requests(runs, p)
+    return TrialJob(
+        trial_json=p.trial.model_dump_json(), runtime_json=spec.runtime.model_dump_json(), run=run,
+        branch_runs=branches, tracking_uri=runs.uri,
+        workdir=str((spec.checkpoint_dir / spec.name / p.trial_id).resolve()),
+        cache_dir=str(cache_dir) if cache_dir else None, cpus=spec.resources.cpus,
+    )
 
 
 def connect(address: str | None) -> bool:
@@ -135,18 +154,12 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
     reuse = reuses_workers(gpu_mem is not None)
     task = ray.remote(max_calls=0 if reuse else 1)(_run_on_ray)
     refs: dict = {}
-    ids: dict[str, tuple[str, dict[int, str]]] = {}
+    jobs: dict[str, TrialJob] = {}  # trial id -> its job: the runs the worker opens when it starts
     progress = SweepProgress(total=source.total)
 
     def job(p: PlannedTrial) -> TrialJob:
-        ids[p.trial_id] = register(runs, p)
-        run_id, branches = ids[p.trial_id]
-        return TrialJob(
-            trial_json=p.trial.model_dump_json(), runtime_json=spec.runtime.model_dump_json(), run_id=run_id,
-            branch_run_ids=branches, tracking_uri=runs.uri,
-            workdir=str((spec.checkpoint_dir / spec.name / p.trial_id).resolve()),
-            cache_dir=str(cache_dir) if cache_dir else None, cpus=spec.resources.cpus,
-        )
+        jobs[p.trial_id] = trial_job(spec, runs, p, cache_dir)
+        return jobs[p.trial_id]
 
     def submit() -> None:
         """Offer every trial the source has now, in packs; one already done in MLflow is told back at once."""
@@ -174,9 +187,9 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
                 warm_workers(warm, runs.uri)
             for pack, options, gang in tasks:
                 members = [p for p, _ in pack]
-                jobs = [job(p) for p in members]
+                packed = [job(p) for p in members]
                 name = f"trial-{members[0].trial_id}" + (f"-pack{len(members)}" if len(members) > 1 else "")
-                one = jobs[0] if len(jobs) == 1 else PackJob(tuple(jobs))
+                one = packed[0] if len(packed) == 1 else PackJob(tuple(packed))
                 pruning = {p.trial_id: pr for p, pr in pack if pr is not None}
                 refs[task.options(name=name, **options).remote(one, board, {p.trial_id: p.D for p in members},
                                                                pruning, gang)] = members
@@ -199,8 +212,7 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
                         ended = [(names.FAILED, None)] * len(members)
                         for p in members:
                             outcome.errors[p.trial_id] = _one_line(e)
-                            set_status(runs.client, ids[p.trial_id][0], names.FAILED,
-                                       **{names.TAG_ERROR: outcome.errors[p.trial_id]})
+                            _mark(runs, jobs[p.trial_id], names.FAILED, **{names.TAG_ERROR: outcome.errors[p.trial_id]})
                     for p, (status, loss) in zip(members, ended):
                         outcome.statuses[p.trial_id] = status
                         progress.finished(p.trial_id, status)
@@ -211,7 +223,7 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
     except KeyboardInterrupt:
         outcome.interrupted = True
         with deferred_interrupts():  # a second Ctrl-C waits until the trials are marked killed
-            _stop(refs, board, ids, runs, outcome)
+            _stop(refs, board, jobs, runs, outcome)
     return outcome
 
 
@@ -262,7 +274,7 @@ def _run_on_ray(job: TrialJob | PackJob, board, tokens_total: dict[str, int], pr
     return [run_gang(job, gang, on_eval=report) if gang else run_job(job, on_eval=report)]
 
 
-def _stop(refs: dict, board, ids: dict, runs: SweepRuns, outcome: SweepOutcome) -> None:
+def _stop(refs: dict, board, jobs: dict[str, TrialJob], runs: SweepRuns, outcome: SweepOutcome) -> None:
     """Cancel every trial (a running one checkpoints and stops) and mark the running ones killed."""
     running = set(ray.get(board.snapshot.remote())["running"]) - set(outcome.statuses)
     for ref in refs:
@@ -272,7 +284,17 @@ def _stop(refs: dict, board, ids: dict, runs: SweepRuns, outcome: SweepOutcome) 
         pass
     for trial_id in running:
         outcome.statuses[trial_id] = names.KILLED
-        set_status(runs.client, ids[trial_id][0], names.KILLED)
+        _mark(runs, jobs[trial_id], names.KILLED)
+
+
+def _mark(runs: SweepRuns, job: TrialJob, status: str, **tags: str) -> None:
+    """A trial that failed or was killed: its run (opened now if no attempt got as far as opening it) and the
+    branch runs its worker opened and did not finish."""
+    set_status(runs.client, open_run(runs.client, job.run), status, **tags)
+    for branch in job.branch_runs.values():
+        run_id = find_run(runs.client, branch.experiment_id, branch.role, branch.trial_id)
+        if run_id and runs.client.get_run(run_id).data.tags.get(names.TAG_STATUS) not in names.DONE:
+            set_status(runs.client, run_id, status)
 
 
 def _one_line(e: BaseException) -> str:

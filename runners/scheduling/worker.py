@@ -1,10 +1,13 @@
 """What runs inside a Ray worker for one trial, or for a pack of trials: open the data, train, and keep MLflow
 up to date.
 
-The job carries the MLflow run ids the driver made, so a retried trial logs into the same runs and
-its training resumes from the checkpoint in its own folder; in a pack, every member does so on its own. In a
-gang (runners.scheduling.gang) every rank runs run_job; rank 0 alone sets the statuses and logs, with tags for
-the group (world size, parallelism, each rank's process and node).
+The job carries the MLflow runs the driver planned (RunRequests); the worker opens them when it starts the trial
+(runners.tracking.runs.open_run: created then, so a run's start time is when its training starts and not when it
+was queued; found again by a retried, resumed or re-run trial, which logs into the same runs), and its training
+resumes from the checkpoint in its own folder. A pack opens its members' runs when the pack starts, and each
+member then does as a lone trial. In a gang (runners.scheduling.gang) every rank runs run_job; rank 0 alone opens
+the runs, sets the statuses and logs, with tags for the group (world size, parallelism, each rank's process and
+node). A run ends (MLflow's end time) when its trial's result is recorded, after its last metric is sent.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from runners.tracking import names
 from runners.tracking.interrupts import deferred_interrupts
-from runners.tracking.runs import MlflowSink, client, set_status
+from runners.tracking.runs import MlflowSink, RunRequest, client, open_run, set_status
 from sweeps.trial import Runtime, TrialConfig
 
 
@@ -31,12 +34,30 @@ class TrialJob:
 
     trial_json: str
     runtime_json: str
-    run_id: str
-    branch_run_ids: dict[int, str]  # branch end (tokens) -> run id
+    run: RunRequest
+    branch_runs: dict[int, RunRequest]  # branch end (tokens) -> its run
     tracking_uri: str
     workdir: str
     cache_dir: str | None
     cpus: float = 1.0
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A job's runs, opened: the trial's run id and its branches' ({branch end: run id})."""
+
+    run_id: str
+    branch_run_ids: dict[int, str]
+
+
+def open_runs(mlflow: MlflowClient, run: RunRequest, branches: dict[int, RunRequest]) -> tuple[str, dict[int, str]]:
+    """Open a trial's run and its branches' runs, each nested under the trial's: (run id, {branch end: run id})."""
+    run_id = open_run(mlflow, run)
+    return run_id, {end: open_run(mlflow, b, parent_run_id=run_id) for end, b in branches.items()}
+
+
+def _open(mlflow: MlflowClient, job: TrialJob) -> Opened:
+    return Opened(*open_runs(mlflow, job.run, job.branch_runs))
 
 
 @dataclass(frozen=True)
@@ -138,17 +159,18 @@ def run_job(job: TrialJob, on_eval=None) -> dict:
     group = parallel.current()
     trial = TrialConfig.model_validate_json(job.trial_json)
     placed = group.gather(where())
-    if group.main:
-        set_status(mlflow, job.run_id, names.RUNNING, **group_tags(placed, runtime))
+    opened = _open(mlflow, job) if group.main else None  # the trial's runs start now
+    if opened:
+        set_status(mlflow, opened.run_id, names.RUNNING, **group_tags(placed, runtime))
     data = _open_data(trial, job.cache_dir)
-    sink, branch_sinks = _sinks(job, group.main)
+    sink, branch_sinks = _sinks(job, opened)
     try:
         result = run_trial(trial, runtime, Path(job.workdir), sink, data=data,
                            branch_sinks=branch_sinks.__getitem__, on_eval=on_eval if group.main else None)
     finally:
         _close([sink, *branch_sinks.values()])
-    if group.main:
-        _record(mlflow, job, result)
+    if opened:
+        _record(mlflow, opened, result)
     return dataclasses.asdict(result)
 
 
@@ -162,10 +184,11 @@ def run_pack_job(job: PackJob, on_eval: Callable[[str], Callable[[int, float], b
     runtime, mlflow = _start(job.members[0])
     trials = [TrialConfig.model_validate_json(m.trial_json) for m in job.members]
     here = group_tags([where()], runtime) | {names.TAG_PACK: " ".join(t.trial_id for t in trials)}  # one process
-    for m in job.members:
-        set_status(mlflow, m.run_id, names.RUNNING, **here)
+    runs = [_open(mlflow, m) for m in job.members]  # every member's runs start with the pack
+    for r in runs:
+        set_status(mlflow, r.run_id, names.RUNNING, **here)
     data = _open_data(trials[0], job.members[0].cache_dir)  # one corpus: it is part of the pack key
-    opened = [_sinks(m) for m in job.members]
+    opened = [_sinks(m, r) for m, r in zip(job.members, runs)]
     members = [Member(trial=t, workdir=Path(m.workdir), sink=sink, branch_sinks=branch_sinks.__getitem__,
                       on_eval=on_eval(t.trial_id))
                for t, m, (sink, branch_sinks) in zip(trials, job.members, opened)]
@@ -173,8 +196,8 @@ def run_pack_job(job: PackJob, on_eval: Callable[[str], Callable[[int, float], b
         results = run_pack(members, runtime, data=data)
     finally:
         _close([s for sink, branch_sinks in opened for s in [sink, *branch_sinks.values()]])
-    for m, result in zip(job.members, results):
-        _record(mlflow, m, result)
+    for r, result in zip(runs, results):
+        _record(mlflow, r, result)
     return [dataclasses.asdict(r) for r in results]
 
 
@@ -201,13 +224,13 @@ def _open_data(trial: TrialConfig, cache_dir: str | None):
     return data
 
 
-def _sinks(job: TrialJob, main: bool = True) -> tuple[MlflowSink | NullSink, dict[int, MlflowSink | NullSink]]:
-    """The trial's run's sink and one per WSD branch run (NullSinks on a gang's ranks other than 0)."""
-
-    def sink_of(run_id: str):
-        return MlflowSink(run_id, job.tracking_uri) if main else NullSink()
-
-    return sink_of(job.run_id), {d: sink_of(run_id) for d, run_id in job.branch_run_ids.items()}
+def _sinks(job: TrialJob, opened: Opened | None) -> tuple[MlflowSink | NullSink, dict[int, MlflowSink | NullSink]]:
+    """The trial's run's sink and one per WSD branch run (NullSinks on a gang's ranks other than 0, which open
+    no runs)."""
+    if opened is None:
+        return NullSink(), {d: NullSink() for d in job.branch_runs}
+    return (MlflowSink(opened.run_id, job.tracking_uri),
+            {d: MlflowSink(run_id, job.tracking_uri) for d, run_id in opened.branch_run_ids.items()})
 
 
 def _close(sinks: list[MlflowSink | NullSink]) -> None:
@@ -217,10 +240,10 @@ def _close(sinks: list[MlflowSink | NullSink]) -> None:
     release_gpu()
 
 
-def _record(mlflow: MlflowClient, job: TrialJob, result) -> None:
-    """The trial's and its branches' final status and tags in MLflow."""
+def _record(mlflow: MlflowClient, opened: Opened, result) -> None:
+    """The trial's and its branches' final status and tags in MLflow; the runs end now (their sinks are closed)."""
     finished = {b.tokens for b in result.branches}
-    for end, run_id in job.branch_run_ids.items():
+    for end, run_id in opened.branch_run_ids.items():
         # A branch that never ran (its trial diverged or was pruned first) shares its trial's fate.
         set_status(mlflow, run_id, names.FINISHED if end in finished else result.status)
     extra = {names.TAG_REPEATS_DATA: str(result.repeats_data).lower(), names.TAG_NUMERICS: result.numerics}
@@ -228,4 +251,4 @@ def _record(mlflow: MlflowClient, job: TrialJob, result) -> None:
         extra[names.TAG_DIVERGED_STEP] = str(result.diverged_at_tokens)
     if result.error:
         extra[names.TAG_ERROR] = result.error
-    set_status(mlflow, job.run_id, result.status, **extra)
+    set_status(mlflow, opened.run_id, result.status, **extra)

@@ -2,9 +2,11 @@
 
 One experiment per sweep (named after the sweep, described by the spec's description); in it one parent
 run for the sweep (RUNNING while `scaling run` runs, then FINISHED, FAILED or KILLED; it carries the fitted
-law as metrics, runners/tracking/summary.py) and one child run per trial, named by what the trial is
-(runners/tracking/labels.py). A WSD branch (a decay forked from a trial's stable phase) is a child run of its own,
-tagged with its parent trial's id, so each branch is a final point in the points table.
+law as metrics, runners/tracking/summary.py) and one run per trial, named by what the trial is
+(runners/tracking/labels.py), created when the trial starts training (runners/tracking/runs.py: open_run) and not
+nested under the parent run, so the runs page lists the trials as rows. A WSD branch (a decay forked from a
+trial's stable phase) is a run of its own, nested under its trial's run and tagged with its parent trial's id, so
+each branch is a final point in the points table.
 Metric steps are tokens seen, so curves of different batch sizes line up.
 """
 
@@ -32,6 +34,7 @@ TAG_NUMERICS = "scaling.numerics"    # precision, residual stream, attention ker
 # not on a GenAI traces page), and the description shown for an experiment or run
 EXPERIMENT_KIND, KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"
 NOTE = "mlflow.note.content"
+PARENT_RUN = "mlflow.parentRunId"    # nests a run under another in the UI (a branch under its trial)
 
 ROLE_SWEEP, ROLE_TRIAL, ROLE_BRANCH = "sweep", "trial", "branch"
 

@@ -1,8 +1,12 @@
 """MLflow: where the sweep's runs live, and the sink trials log their curves through.
 
-The driver creates the experiment, the sweep's parent run and one child run per trial (and per WSD
-branch) before any trial starts: this avoids the sqlite schema race between workers and guarantees
-one run per trial however often Ray retries it. Workers only log into the run they are handed.
+The driver creates the experiment and the sweep's parent run before any worker starts (so workers never race
+to create the store's schema or the experiment), and hands each trial a RunRequest: what its run is called,
+tagged and given as params. The worker opens the run when it starts training the trial (`open_run`: found by
+its trial id, created the first time), so the run's start time is the trial's own start, not the time it was
+registered and then waited in Ray's queue (MLflow cannot move a run's start time once it exists: UpdateRun
+takes a status, an end time and a name). Ray retries an attempt only after the previous one ended, so finding
+the run by its tags gives one run per trial however often it is retried, resumed or re-run.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 from typing import TypeVar
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -93,34 +99,107 @@ class SweepRuns:
         found = self.client.search_runs([self.experiment_id], query, max_results=50000)
         return {r.data.tags[names.TAG_TRIAL_ID]: r for r in found if names.TAG_TRIAL_ID in r.data.tags}
 
+    def trials_url(self, base_url: str) -> str:
+        """The UI's runs page of this sweep, showing all its trial runs (see trials_filter)."""
+        return runs_url(base_url, self.experiment_id, trials_filter(self.sweep))
+
     def _find_or_create(self, role: str, trial_id: str, run_name: str, tags: dict[str, str]) -> str:
-        query = f"tags.`{names.TAG_ROLE}` = '{role}' and tags.`{names.TAG_TRIAL_ID}` = '{trial_id}'"
-        found = self.client.search_runs([self.experiment_id], query, max_results=1)
+        """The sweep's parent run (created by the driver when the sweep first runs)."""
+        found = find_run(self.client, self.experiment_id, role, trial_id)
         if found:
-            return found[0].info.run_id
+            return found
         base = {names.TAG_ROLE: role, names.TAG_SWEEP: self.sweep, names.TAG_TRIAL_ID: trial_id,
                 "mlflow.runName": run_name}
-        if role != names.ROLE_SWEEP:
-            base |= {"mlflow.parentRunId": self.parent_id, names.TAG_STATUS: names.PENDING}
-        run = self.client.create_run(self.experiment_id, tags=base | tags, run_name=run_name)
-        if role != names.ROLE_SWEEP:
-            # Pending until a worker picks it up; MLflow's own status follows ours (see set_status).
-            self.client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.SCHEDULED))
-        return run.info.run_id
+        return self.client.create_run(self.experiment_id, tags=base | tags, run_name=run_name).info.run_id
+
+    def request(self, trial_id: str, params: dict[str, str], *, role: str = names.ROLE_TRIAL,
+                tags: dict[str, str] | None = None, run_name: str | None = None) -> RunRequest:
+        """What a trial's (or branch's) run will be; nothing is written until it is opened (open_run)."""
+        return RunRequest(self.experiment_id, self.sweep, role, trial_id, run_name or trial_id, params, tags or {})
 
     def trial_run(self, trial_id: str, params: dict[str, str], *, role: str = names.ROLE_TRIAL,
                   tags: dict[str, str] | None = None, run_name: str | None = None) -> str:
-        """The run of a trial (or branch), created with its params the first time. Safe to repeat, so a busy
-        store is tried again (the driver registers trials while others run and write)."""
-        return when_available(lambda: self._trial_run(trial_id, params, role, tags or {}, run_name or trial_id))
+        """The run of a trial (or branch), opened now: created with its params the first time (see open_run)."""
+        return open_run(self.client, self.request(trial_id, params, role=role, tags=tags, run_name=run_name))
 
-    def _trial_run(self, trial_id: str, params: dict[str, str], role: str, tags: dict[str, str], run_name: str) -> str:
-        run_id = self._find_or_create(role, trial_id, run_name, tags)
-        logged = self.client.get_run(run_id).data.params
-        todo = [Param(k, v[:6000]) for k, v in params.items() if k not in logged]
-        for i in range(0, len(todo), PARAMS_PER_REQUEST):
-            self.client.log_batch(run_id, params=todo[i:i + PARAMS_PER_REQUEST])
-        return run_id
+
+@dataclass(frozen=True)
+class RunRequest:
+    """A trial's (or branch's) run as the driver plans it and a worker opens it (plain data: it crosses processes)."""
+
+    experiment_id: str
+    sweep: str
+    role: str  # names.ROLE_TRIAL or names.ROLE_BRANCH
+    trial_id: str
+    run_name: str
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def find_run(mlflow_client: MlflowClient, experiment_id: str, role: str, trial_id: str) -> str | None:
+    query = f"tags.`{names.TAG_ROLE}` = '{role}' and tags.`{names.TAG_TRIAL_ID}` = '{trial_id}'"
+    found = mlflow_client.search_runs([experiment_id], query, max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def open_run(mlflow_client: MlflowClient, request: RunRequest, parent_run_id: str | None = None) -> str:
+    """The requested run, found by its trial id, or created now, so its start time is now: the worker calls this
+    when it starts training the trial (a resumed or retried trial finds its run again). Params not yet logged are
+    logged; nothing logged before is logged again. `parent_run_id` nests the run under another in the UI (a WSD
+    branch under its trial). Safe to repeat, so a busy store is tried again.
+
+    Trial runs are not nested under the sweep's parent run: a sweep is an experiment of its own, so nesting would
+    add nothing but hide every trial inside the parent's collapsed row (MLflow 3 opens nested runs collapsed, and
+    its charts show only the rows in view), while a researcher browsing a sweep wants its trials side by side."""
+    return when_available(lambda: _open_run(mlflow_client, request, parent_run_id))
+
+
+def _open_run(mlflow_client: MlflowClient, request: RunRequest, parent_run_id: str | None) -> str:
+    run_id = find_run(mlflow_client, request.experiment_id, request.role, request.trial_id)
+    if run_id is None:
+        tags = {names.TAG_ROLE: request.role, names.TAG_SWEEP: request.sweep, names.TAG_TRIAL_ID: request.trial_id,
+                names.TAG_STATUS: names.RUNNING, "mlflow.runName": request.run_name} | request.tags
+        if parent_run_id:
+            tags[names.PARENT_RUN] = parent_run_id
+        run_id = mlflow_client.create_run(request.experiment_id, start_time=int(time.time() * 1000), tags=tags,
+                                          run_name=request.run_name).info.run_id
+    logged = mlflow_client.get_run(run_id).data.params
+    todo = [Param(k, v[:6000]) for k, v in request.params.items() if k not in logged]
+    for i in range(0, len(todo), PARAMS_PER_REQUEST):
+        mlflow_client.log_batch(run_id, params=todo[i:i + PARAMS_PER_REQUEST])
+    return run_id
+
+
+def trials_filter(sweep: str) -> str:
+    """The search filter of a sweep's trial runs, as the UI's search box and MlflowClient.search_runs read it.
+    It leaves out the sweep's parent run and the WSD branch runs (nested under their trials)."""
+    return f"tags.`{names.TAG_SWEEP}` = '{sweep}' and tags.`{names.TAG_ROLE}` = '{names.ROLE_TRIAL}'"
+
+
+def runs_url(base_url: str, experiment_id: str, search_filter: str) -> str:
+    """The MLflow UI's runs page of an experiment, filtered (the UI reads `searchFilter` from the page's URL)."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?searchFilter={quote(search_filter, safe='')}"
+
+
+def runs_url_base(host: str = "127.0.0.1", port: int = 5000) -> str:
+    """Where `scaling ui` serves the UI."""
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+
+
+def ui_base_url(uri: str) -> str:
+    """Where the UI of store `uri` is: the tracking server itself, else where `scaling ui` serves it by default."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else runs_url_base()
+
+
+def sweep_links(mlflow_client: MlflowClient, base_url: str) -> list[tuple[str, str]]:
+    """(sweep, its trials_url) for every sweep in the store, by name."""
+    experiments = {e.experiment_id: e for e in mlflow_client.search_experiments(max_results=1000)}
+    if not experiments:
+        return []
+    parents = mlflow_client.search_runs(list(experiments), f"tags.`{names.TAG_ROLE}` = '{names.ROLE_SWEEP}'",
+                                        max_results=1000)
+    sweeps = {r.data.tags[names.TAG_SWEEP]: r.info.experiment_id for r in parents if names.TAG_SWEEP in r.data.tags}
+    return [(s, runs_url(base_url, e, trials_filter(s))) for s, e in sorted(sweeps.items())]
 
 
 def set_status(mlflow_client: MlflowClient, run_id: str, status: str, **tags: str) -> None:
