@@ -197,7 +197,7 @@ def print_plan(spec: SweepSpec, table: pd.DataFrame) -> None:
         peak = plan_peak_flops(spec)
         console.print(f"GPUs: the fewest (a power of two{f', at most {r.max_gpus}' if r.max_gpus else ''}) that hold "
                       f"a trial and train it within max_hours {r.max_hours:g}, est. time at {r.assumed_mfu:g} MFU of "
-                      f"{peak / 1e12:g} TFLOP/s a GPU (x{GANG_EFFICIENCY:g} in a gang)" if peak else
+                      f"{peak / 1e12:.3g} TFLOP/s a GPU (x{GANG_EFFICIENCY:g} in a gang)" if peak else
                       "GPUs: from memory alone here: no GPU and no resources.peak_tflops for the max_hours target "
                       "(the run reads the peak from its GPUs' name)")
     cpus = spec.resources.cpus

@@ -110,7 +110,7 @@ def time_target_warning(planned: Sequence[PlannedTrial], resources: Resources, r
     more = f" and {len(misses) - 8} more" if len(misses) > 8 else ""
     return (f"resources.max_hours {resources.max_hours:g}: {len(misses)} trial(s) take longer even on max_gpus "
             f"{resources.max_gpus} and run on {resources.max_gpus} GPUs: {', '.join(misses[:8])}{more} (at "
-            f"{resources.assumed_mfu:g} MFU of {peak_flops / 1e12:g} TFLOP/s)")
+            f"{resources.assumed_mfu:g} MFU of {peak_flops / 1e12:.3g} TFLOP/s)")
 
 
 def ray_options(planned: PlannedTrial, resources: Resources, runtime: Runtime, gpu_memory_bytes: int | None,
