@@ -156,7 +156,7 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
     outcome = SweepOutcome()
     existing = runs.runs(names.ROLE_TRIAL)
     gpu_mem = gpu_memory_bytes(spec.resources.gpu_memory_gb)
-    peak = gpu_peak_flops(spec.resources) if gpu_mem else None
+    peak = gpu_peak_flops(spec.resources) if gpu_mem and spec.runtime.device != "cpu" else None
     warned = False
     board = Board.options(num_cpus=0).remote()
     reuse = reuses_workers(gpu_mem is not None)
@@ -177,6 +177,7 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
 
     def submit() -> None:
         """Offer every trial the source has now, in packs; one already done in MLflow is told back at once."""
+        nonlocal warned
         while offered := source.take():
             todo = []
             for p, pruning in offered:
@@ -189,7 +190,6 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
                     source.done(p, status, run.data.metrics.get(names.VAL_LOSS))
                 else:
                     todo.append((p, pruning))
-            nonlocal warned
             warning = None if warned else resources.time_target_warning(
                 [p for p, _ in todo], spec.resources, spec.runtime, gpu_mem, peak)
             if warning:  # once a sweep: a grid's trials are all offered at once, a search's first of each scale
