@@ -20,7 +20,8 @@ from runners.tracking.labels import trial_run_name
 from runners.planview import plan_view
 from runners.data.store import content_hash, prepare_data, vocab_size_of
 from runners.job import refuse_if_lost
-from runners.scheduling.resources import gang_size, pack_capacity, tasks
+from runners.scheduling.resources import (GANG_EFFICIENCY, estimated_hours, gang_size, gpu_share, pack_capacity,
+                                         tasks, time_target_warning)
 from runners.scheduling.search import GridSource, SearchSource
 from runners.scheduling.sweep import SweepOutcome, connect, run_trials
 from runners.tracking.runs import SweepRuns, ui_base_url
@@ -93,29 +94,65 @@ def _device(spec: SweepSpec) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _plan_packs(spec: SweepSpec, planned: list[PlannedTrial]) -> dict[str, tuple[int, int]]:
+def _plan_gpu_memory(spec: SweepSpec) -> int | None:
+    """The GPU memory the plan packs and sizes gangs by: only what resources.gpu_memory_gb declares."""
+    return int(spec.resources.gpu_memory_gb * 2**30) if spec.resources.gpu_memory_gb else None
+
+
+def plan_peak_flops(spec: SweepSpec) -> float | None:
+    """One GPU's bf16 peak for the plan's time target (gpus 'auto' with max_hours): declared, else this
+    machine's GPU's; None without either (the plan then sizes gangs by memory alone; the run asks its GPUs)."""
+    r = spec.resources
+    if r.gpus != "auto" or not r.max_hours:
+        return None
+    if r.peak_tflops:
+        return r.peak_tflops * 1e12
+    if _device(spec) != "cuda":
+        return None
+    import torch
+
+    from runners.training.step import peak_flops
+
+    return peak_flops(torch.device("cuda", torch.cuda.current_device()))
+
+
+def _plan_packs(spec: SweepSpec, planned: list[PlannedTrial], gpu_mem: int | None,
+                peak: float | None) -> dict[str, tuple[int, int]]:
     """trial id -> (pack number from 1, pack size), as the run will pack the grid (its memory cap only where
     resources.gpu_memory_gb says the GPU's memory). A search row stands for its study's trials asked at once:
     a pack of search.parallel (capped) when only lr is searched, one each when batch size is. A gang is never
     packed."""
-    gpu_mem = int(spec.resources.gpu_memory_gb * 2**30) if spec.resources.gpu_memory_gb else None
     if spec.search is None:
-        grouped = tasks(planned, lambda p: p, spec.resources, spec.runtime, gpu_mem)
+        grouped = tasks(planned, lambda p: p, spec.resources, spec.runtime, gpu_mem, peak)
         return {p.trial_id: (n, len(pack)) for n, pack in enumerate(grouped, 1) for p in pack}
     size = 1 if spec.search.batch_size else spec.search.parallel
-    return {p.trial_id: (n, 1 if gang_size(p, spec.resources, spec.runtime, gpu_mem) > 1 else
+    return {p.trial_id: (n, 1 if gang_size(p, spec.resources, spec.runtime, gpu_mem, peak) > 1 else
                          min(size, pack_capacity(p, spec.runtime, gpu_mem))) for n, p in enumerate(planned, 1)}
 
 
+def _plan_gpus(spec: SweepSpec, p: PlannedTrial, workers: int, members: int, gpu_mem: int | None) -> float:
+    """GPUs the trial's task takes: a gang's W, a declared share, the share its pack's memory takes where the GPU's
+    memory is declared; NaN where the plan cannot say (a share up to one GPU, from the memory the run measures)."""
+    if workers > 1:
+        return float(workers)
+    if spec.resources.gpus != "auto":
+        return float(spec.resources.gpus)
+    return gpu_share(p, spec.runtime, "auto", gpu_mem, members) if gpu_mem else math.nan
+
+
 def plan_table(spec: SweepSpec, planned: list[PlannedTrial]) -> pd.DataFrame:
-    """One row per trial: identity, its pack, counts under every convention, compute and estimated time."""
+    """One row per trial: identity, its pack, its GPUs, counts under every convention, compute and estimated
+    time (under the time target, on its GPUs at resources.assumed_mfu)."""
     rate = ASSUMED_FLOPS_PER_S[_device(spec)] * (spec.resources.cpus if _device(spec) == "cpu" else 1)
-    in_pack = _plan_packs(spec, planned)
+    gpu_mem, peak = _plan_gpu_memory(spec), plan_peak_flops(spec)
+    in_pack = _plan_packs(spec, planned, gpu_mem, peak)
     rows = []
     for p in planned:
         m, t = p.trial.model, p.trial.train
+        workers = gang_size(p, spec.resources, spec.runtime, gpu_mem, peak)
         rows.append({
             "pack": in_pack[p.trial_id][0], "pack_size": in_pack[p.trial_id][1],
+            "gpus": _plan_gpus(spec, p, workers, in_pack[p.trial_id][1], gpu_mem),
             "trial_id": p.trial_id, "name": trial_run_name(p), "family": m.family, "E": m.n_experts,
             "N_total": p.params.total, "N_nonembed": p.params.nonembed, "N_active": p.params.active,
             "D": p.D, "budget": p.trial.budget, "flops_6N": p.flops_6N, "flops_exact": p.flops_exact,
@@ -123,9 +160,12 @@ def plan_table(spec: SweepSpec, planned: list[PlannedTrial]) -> pd.DataFrame:
             "lr": t.lr, "batch_size": t.batch_size, "seed": t.seed, "branches": " ".join(map(str, t.schedule.branches)),
             "unique_tokens": p.trial.data.unique_tokens,
             "epochs": p.D / p.trial.data.unique_tokens if p.trial.data.unique_tokens else None,
-            "est_seconds": p.compute_exact / rate,
+            "est_seconds": (estimated_hours(p, workers, spec.resources, peak) * 3600 if peak
+                            else p.compute_exact / rate),
         })
     table = pd.DataFrame(rows)
+    if not (peak or gpu_mem or (table.gpus > 1).any()):  # nothing to say beyond 'a share, by memory'
+        table["gpus"] = math.nan
     if spec.search is not None:  # one row per scale, standing for that many Optuna trials
         searched = [k for k in ("lr", "batch_size") if getattr(spec.search, k)]
         table[searched] = "search"
@@ -137,6 +177,9 @@ def plan_table(spec: SweepSpec, planned: list[PlannedTrial]) -> pd.DataFrame:
 def print_caveats(spec: SweepSpec, planned: list[PlannedTrial]) -> None:
     for line in hparams_caveats(spec, planned):
         console.print(f"[yellow]warning[/]: {spec.hparams_law}: {line}")
+    missed = time_target_warning(planned, spec.resources, spec.runtime, _plan_gpu_memory(spec), plan_peak_flops(spec))
+    if missed:
+        console.print(f"[yellow]warning[/]: {missed}")
 
 
 def print_plan(spec: SweepSpec, table: pd.DataFrame) -> None:
@@ -149,6 +192,14 @@ def print_plan(spec: SweepSpec, table: pd.DataFrame) -> None:
     if spec.search is not None:
         console.print(f"search: {spec.search.trials} Optuna trials per row ({spec.search.sampler}, pruner "
                       f"{spec.search.pruner}); estimates count them all")
+    r = spec.resources
+    if r.gpus == "auto" and r.max_hours:
+        peak = plan_peak_flops(spec)
+        console.print(f"GPUs: the fewest (a power of two{f', at most {r.max_gpus}' if r.max_gpus else ''}) that hold "
+                      f"a trial and train it within max_hours {r.max_hours:g}, est. time at {r.assumed_mfu:g} MFU of "
+                      f"{peak / 1e12:.3g} TFLOP/s a GPU (x{GANG_EFFICIENCY:g} in a gang)" if peak else
+                      "GPUs: from memory alone here: no GPU and no resources.peak_tflops for the max_hours target "
+                      "(the run reads the peak from its GPUs' name)")
     cpus = spec.resources.cpus
     console.print(f"total: {table.flops_6N.sum():.3g} FLOPs (6N), {table.flops_exact.sum():.3g} FLOPs (exact); "
                   f"about {table.est_seconds.sum() / 60:.1f} trial-minutes at {cpus:g} CPU(s) a trial, "

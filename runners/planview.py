@@ -13,6 +13,15 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+def gpus(value: float) -> str:
+    """A task's GPUs: a gang's W, a share as 1/K, or <=1 where the run sizes the share by the memory it measures."""
+    if value != value:  # NaN
+        return "<=1"
+    if value >= 1 or not (1 / value).is_integer():
+        return f"{value:g}"
+    return f"1/{1 / value:.0f}"
+
+
 def _g(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
@@ -29,9 +38,10 @@ COLUMNS = (
     ("epochs", "epochs", _g),
     ("batch", "batch_size", str),
     ("FLOPs (6N)", "flops_6N", _g),
+    ("GPUs", "gpus", gpus),  # a gang's W or a share; shown where the plan knows more than 'a share by memory'
     ("est. time", "est_seconds", duration),
 )
-PRIORITY = ("trial", "est. time", "id", "K", "pack", "FLOPs (6N)", "epochs", "unique", "budget", "batch", "E")
+PRIORITY = ("trial", "est. time", "GPUs", "id", "K", "pack", "FLOPs (6N)", "epochs", "unique", "budget", "batch", "E")
 BORDER = 3  # a column's padding and its rule
 
 

@@ -135,14 +135,41 @@ class Resources(Frozen):
     gpus: float | Literal["auto"] = Field("auto", description="a GPU share in [0, 1], or a whole number W >= 2: a gang of "
                                           "W workers with one GPU each (Ray Train, runtime.parallel); on a cluster without "
                                           "GPUs, or with runtime.device 'cpu', W CPU processes (gloo); 'auto' from the "
-                                          "memory estimate (a gang only when one GPU cannot hold the trial)")
+                                          "memory estimate and max_hours (a gang only when one GPU cannot hold the "
+                                          "trial or train it within max_hours)")
     gpu_memory_gb: float | None = Field(None, gt=0.0, description="memory of one GPU; None = ask a GPU worker")
+    max_hours: float | None = Field(None, gt=0.0, description="the time target of gpus 'auto': the wall hours one "
+                                    "trial should take at most; it gets the fewest GPUs (a power of two) that hold "
+                                    "its memory and train it within this, by the estimate at assumed_mfu "
+                                    "(runners.scheduling.resources.estimated_hours); None = from memory alone")
+    max_gpus: int | None = Field(None, ge=1, description="under gpus 'auto': the most GPUs one trial's gang takes "
+                                 "(a power of two); a trial the target wants on more takes this many, with a "
+                                 "warning; None = no cap")
+    assumed_mfu: float = Field(0.4, gt=0.0, le=1.0, description="the time target's throughput: exact training "
+                               "FLOPs/s of one GPU over its bf16 peak. Measured on an H200 (results/benchmarks.jsonl): "
+                               "49-50% at 110M parameters (d768) in the trainer and the step benchmark, 45% at 34M, "
+                               "33% at 7M; 0.4 leaves room for evaluations, checkpoints and compile")
+    peak_tflops: float | None = Field(None, gt=0.0, description="one GPU's dense bf16 peak in TFLOP/s for the "
+                                      "time target; None = from the GPU's name (runners.training.step.PEAK_BF16_FLOPS)")
+
+    @field_validator("max_gpus")
+    @classmethod
+    def _power_of_two(cls, value: int | None) -> int | None:
+        if value is not None and value & (value - 1):
+            raise ValueError(f"a gang under gpus 'auto' is a power of two; use {2 ** (value.bit_length() - 1)} "
+                             f"or {2 ** value.bit_length()}")
+        return value
 
     @model_validator(mode="after")
     def _gang_is_whole(self) -> Resources:
         if self.gpus != "auto" and self.gpus > 1 and self.gpus != int(self.gpus):
             raise ValueError(f"gpus {self.gpus}: above 1 a trial takes whole GPUs (a gang of workers); use "
                              f"{int(self.gpus)} or {int(self.gpus) + 1}")
+        if self.gpus != "auto":
+            for name in ("max_hours", "max_gpus"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} sizes the gangs of gpus 'auto'; with gpus {self.gpus:g} declared it "
+                                     f"would do nothing: remove it or set gpus: auto")
         return self
 
     @property

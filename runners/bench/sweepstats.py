@@ -24,7 +24,7 @@ import pandas as pd
 
 from runners.tracking import names
 from runners.bench.log import append, device
-from runners.training.step import PEAK_BF16_FLOPS
+from runners.training.step import peak_of
 from sweeps.spec import load_spec
 
 
@@ -76,7 +76,7 @@ def main() -> None:
     busy_training = busy_fraction(args.util, (runs.first_step.min(), window[1]))
     gpus = len(busy)
     on = args.on or device()
-    peak = next((p for key, p in PEAK_BF16_FLOPS.items() if key in on), None)
+    peak = peak_of(on)
     if peak is None:
         raise SystemExit(f"--on {on!r}: no bf16 peak known for it (runners.training.step.PEAK_BF16_FLOPS)")
     config = {"spec": str(args.spec), "trials": len(runs), "gpus": gpus, "share": spec.resources.gpus,

@@ -37,8 +37,11 @@ from runners.scheduling.resources import gang_size, ray_options
 from runners.scheduling.search import GridSource, Pruning, SearchSource, pruning_callback
 from runners.tracking.runs import RunRequest, SweepRuns, find_run, flatten, open_run, set_status
 from runners.scheduling.worker import NOSET_CUDA, PackJob, TrialJob, open_runs, run_job, run_pack_job
+from runners.training.step import peak_of
+from sweeps.errors import SpecError
 from sweeps.expand import PlannedTrial
 from sweeps.spec import SweepSpec
+from sweeps.trial import Resources
 
 
 @dataclass
@@ -144,12 +147,36 @@ def gpu_memory_bytes(declared_gb: float | None) -> int | None:
     return ray.get(probe.remote(), timeout=300)
 
 
+def gpu_peak_flops(resources: Resources) -> float | None:
+    """One cluster GPU's dense bf16 peak in FLOP/s, where the time target needs it (gpus 'auto' with max_hours):
+    declared (peak_tflops), or from the name a GPU worker reports. Call only on a cluster with GPUs."""
+    if resources.gpus != "auto" or not resources.max_hours:
+        return None
+    if resources.peak_tflops:
+        return resources.peak_tflops * 1e12
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def probe() -> str:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+
+    name = ray.get(probe.remote(), timeout=300)
+    peak = peak_of(name)
+    if peak is None:
+        raise SpecError(f"resources.max_hours: no bf16 peak known for the cluster's GPU {name!r} "
+                        "(runners.training.step.PEAK_BF16_FLOPS); set resources.peak_tflops")
+    return peak
+
+
 def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRuns, *,
                cache_dir: Path | None) -> SweepOutcome:
     """Run every trial the source offers that is not done yet; returns what happened to each. Ctrl-C cancels cleanly."""
     outcome = SweepOutcome()
     existing = runs.runs(names.ROLE_TRIAL)
     gpu_mem = gpu_memory_bytes(spec.resources.gpu_memory_gb)
+    peak = gpu_peak_flops(spec.resources) if gpu_mem and spec.runtime.device != "cpu" else None
+    warned = False
     board = Board.options(num_cpus=0).remote()
     reuse = reuses_workers(gpu_mem is not None)
     task = ray.remote(max_calls=0 if reuse else 1)(_run_on_ray)
@@ -163,6 +190,7 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
 
     def submit() -> None:
         """Offer every trial the source has now, in packs; one already done in MLflow is told back at once."""
+        nonlocal warned
         while offered := source.take():
             todo = []
             for p, pruning in offered:
@@ -175,13 +203,19 @@ def run_trials(spec: SweepSpec, source: GridSource | SearchSource, runs: SweepRu
                     source.done(p, status, run.data.metrics.get(names.VAL_LOSS))
                 else:
                     todo.append((p, pruning))
+            warning = None if warned else resources.time_target_warning(
+                [p for p, _ in todo], spec.resources, spec.runtime, gpu_mem, peak)
+            if warning:  # once a sweep: a grid's trials are all offered at once, a search's first of each scale
+                progress.console.print(f"[yellow]warning[/]: {warning}")
+                warned = True
             tasks = []  # (members with their pruning, Ray options, the gang or None)
-            for pack in resources.tasks(todo, lambda item: item[0], spec.resources, spec.runtime, gpu_mem):
+            for pack in resources.tasks(todo, lambda item: item[0], spec.resources, spec.runtime, gpu_mem, peak):
                 first = pack[0][0]
-                workers = gang_size(first, spec.resources, spec.runtime, gpu_mem)
+                workers = gang_size(first, spec.resources, spec.runtime, gpu_mem, peak)
                 gang = Gang(workers, use_gpu=gpu_mem is not None and spec.runtime.device != "cpu",
                             max_failures=spec.runtime.max_retries) if workers > 1 else None
-                tasks.append((pack, ray_options(first, spec.resources, spec.runtime, gpu_mem, members=len(pack)), gang))
+                tasks.append((pack, ray_options(first, spec.resources, spec.runtime, gpu_mem, members=len(pack),
+                                                peak_flops=peak), gang))
             warm = [options for _, options, gang in tasks if gang is None]  # a gang's workers are Ray Train's
             if warm and not refs and reuse:
                 warm_workers(warm, runs.uri)

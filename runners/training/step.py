@@ -63,12 +63,14 @@ def numerics(runtime: Runtime, device: torch.device, flash4: bool) -> str:
     return f"fp32, {how}"
 
 
+def peak_of(name: str) -> float | None:
+    """The dense bf16 peak in FLOP/s of the GPU of this name ('NVIDIA H200'), or None when not in the table."""
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
 def peak_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak in FLOP/s, or None for a CPU or a GPU not in the table."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    return peak_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def decays(model: nn.Module) -> set[str]:
