@@ -20,7 +20,8 @@ from typing import TypeVar
 from models import estimate_memory_bytes
 from sweeps.expand import PlannedTrial
 from sweeps.packs import group_packs
-from sweeps.trial import Resources, Runtime
+from sweeps.errors import SpecError
+from sweeps.trial import Resources, Runtime, expert_shards
 
 SHARES = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # shares that tile a GPU exactly
 HEADROOM = 1.25  # allocator fragmentation, CUDA context and compile workspaces beyond the estimate
@@ -62,9 +63,15 @@ def gang_size(planned: PlannedTrial, resources: Resources, runtime: Runtime, gpu
     W although activations do not shard: HEADROOM is what covers that, so prefer micro-batches that keep
     activations small (runtime.micro_batch_size) for such trials."""
     if resources.gpus != "auto" or not gpu_memory_bytes:
-        return resources.workers
-    need = member_bytes(planned, runtime) / gpu_memory_bytes
-    return 1 if need <= 1.0 else 2 ** math.ceil(math.log2(need))
+        workers = resources.workers
+    else:
+        need = member_bytes(planned, runtime) / gpu_memory_bytes
+        workers = 1 if need <= 1.0 else 2 ** math.ceil(math.log2(need))
+    try:  # W is decided here, so here it must split the experts (runtime.expert_parallel)
+        expert_shards(planned.trial.model.moe, runtime, workers)
+    except ValueError as e:
+        raise SpecError(f"trial {planned.trial_id}, a gang of {workers} (resources.gpus {resources.gpus}): {e}") from None
+    return workers
 
 
 def ray_options(planned: PlannedTrial, resources: Resources, runtime: Runtime, gpu_memory_bytes: int | None,
