@@ -233,6 +233,7 @@ def test_a_checkpoint_of_sharded_experts_resumes_on_one_process(gang, data_dir, 
 def spec_error(tmp_path, **fields) -> str:
     with pytest.raises(SpecError) as e:
         load_spec(tiny_spec(tmp_path, **fields))
+    assert "\n" not in str(e.value)
     return str(e.value)
 
 
