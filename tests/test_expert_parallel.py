@@ -38,7 +38,6 @@ LAYERS = {  # MoEConfig options of the layer checks: 2 experts a rank, or 4 (gra
     "capacity": dict(n_experts=4, top_k=2, granularity=2, n_shared=1, capacity_factor=1.0),
     "one-sided": dict(n_experts=4, top_k=2),  # tokens and router made so that every token picks experts 0 and 1
 }
-GRADS = ("x", "router.weight", "shared", "w_gate_up", "w_down")
 
 
 def layer_case(name: str, sharded_on=None):
@@ -82,20 +81,18 @@ def test_the_sharded_layer_gives_the_unsharded_outputs_and_gradients(gang, name)
     it), the gradients of the summed loss. Expert weights: rank r's gradient is rows r*E/W.. of the whole."""
     layer, x, probe = layer_case(name)
     ranks = [torch.load(gang[0] / f"{name}.{r}.pt") for r in range(WORLD)]
-    halves = [grads(layer, x[s], probe[s]) for s in (slice(0, 16), slice(16, 32))]
+    halves = [grads(layer, x[s], probe[s]) for s in (slice(0, 16), slice(16, 32))]  # their parameters' .grad
+    # is one tensor each, accumulated over both halves: the global batch's gradient, read from the last
     assert [h["dropped"] for h in halves] == [r["dropped"] for r in ranks]
-    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), torch.cat([h["y"] for h in halves]), rtol=RTOL, atol=1e-6)
-    whole = {key: layer.router.weight.grad if key == "router.weight" else
-             layer.shared.gate_up.weight.grad if key == "shared" and layer.shared else
-             getattr(layer, key).grad if key.startswith("w_") else None for key in GRADS}
-    for key in GRADS:
-        if key == "x":
-            got, want = torch.cat([r[key] for r in ranks]), torch.cat([h[key] for h in halves])
-        elif key.startswith("w_"):
-            got, want = torch.cat([r[key] for r in ranks]), whole[key]
-        else:  # data-parallel: each rank's gradient is of its share; the wrapper sums (and averages) them
-            got, want = sum(r[key] for r in ranks), whole[key] if whole[key] is not None else torch.zeros(())
-        torch.testing.assert_close(got, want, rtol=RTOL, atol=1e-6, msg=f"{name}: {key}")
+    for key in ("y", "x"):  # each rank's rows
+        torch.testing.assert_close(torch.cat([r[key] for r in ranks]), torch.cat([h[key] for h in halves]),
+                                   rtol=RTOL, atol=1e-6, msg=f"{name}: {key}")
+    for key in ("w_gate_up", "w_down"):  # each rank's experts
+        torch.testing.assert_close(torch.cat([r[key] for r in ranks]), halves[1][key], rtol=RTOL, atol=1e-6,
+                                   msg=f"{name}: {key}")
+    for key in ("router.weight", "shared"):  # data-parallel: each rank's share, summed (and averaged) by the wrapper
+        torch.testing.assert_close(sum(r[key] for r in ranks), halves[1][key], rtol=RTOL, atol=1e-6,
+                                   msg=f"{name}: {key}")
     if name == "capacity":
         assert all(0 < h["dropped"] < 1 for h in halves)  # capacity did drop assignments
     else:
