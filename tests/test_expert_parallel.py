@@ -260,3 +260,13 @@ def test_a_trial_on_ranks_that_cannot_share_its_experts_is_refused(data_dir):
     data = prepare_data(DATA, data_dir)
     with pytest.raises(TrialSetupError, match="4 experts .* cannot be shared by 8 ranks; use a gang size"):
         check_setup(moe_trial(data), runtime(), data, world=8)  # 8 ranks do share its 8 sequences
+
+
+def test_the_run_is_tagged_with_whether_its_experts_were_sharded(data_dir):
+    from runners.scheduling.worker import group_tags
+
+    trial = moe_trial(prepare_data(DATA, data_dir))
+    rank = {names.TAG_WORKER: "host:1", names.TAG_NODE: "n"}
+    assert group_tags([rank, rank], runtime(), trial)[names.TAG_EXPERT_PARALLEL] == "true"
+    assert group_tags([rank, rank], runtime(expert_parallel=False), trial)[names.TAG_EXPERT_PARALLEL] == "false"
+    assert group_tags([rank], runtime(), trial)[names.TAG_EXPERT_PARALLEL] == "false"  # one process: nothing sharded
