@@ -5,6 +5,11 @@ layer whole. Capacity therefore changes which tokens an expert *serves* (the mod
 a dropped assignment still flows through its expert but gets combine weight 0, so it adds nothing to
 the output and no gradient to the expert or the router. Tokens are served first come, first served
 in token order (a stable sort by expert), as in Switch.
+
+Expert parallelism (`MoE.shard_experts`, runtime.expert_parallel in a gang of W ranks): each rank keeps E/W of
+the experts and sends every routed row to the rank holding its expert (all-to-all), and the outputs back. Routing
+and capacity stay per rank, over that rank's own tokens, exactly as without it (each rank of a data-parallel gang
+routes its own micro-batch), so the layer computes the same function: only where the expert products run moves.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from models.config import MoEConfig
 from models.layers import SwiGLU, compute_dtype
@@ -118,6 +125,44 @@ def experts_loop(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor,
     return torch.cat(outs)
 
 
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single whose backward sends each row's gradient back to where the row came from."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, to: list[int], came: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.splits, ctx.group = (to, came), group
+        out = x.new_empty(sum(came), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), came, to, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        to, came = ctx.splits
+        return _AllToAll.apply(grad, came, to, ctx.group), None, None, None
+
+
+@torch.compiler.disable  # split sizes are host numbers: torch.compile takes the layer up to here and on after
+def experts_parallel(rows: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                     experts, group: dist.ProcessGroup) -> torch.Tensor:
+    """`experts` over rows sorted by expert (counts [E]: all E experts) computed where the experts are: rank r
+    of W holds the E/W experts from r*E/W on (w_gate_up, w_down are its own), so the rows of rank r's experts are
+    one contiguous run; it gets them from every rank, and gives each rank its outputs back, in its order. Both
+    exchanges are differentiable: the backward sends each row's gradient home and brings the experts the
+    gradients of every rank's rows."""
+    world, local = dist.get_world_size(group), w_gate_up.shape[0]
+    received = torch.empty_like(counts)  # [W sources, local experts]: rows each rank sends to each of mine
+    dist.all_to_all_single(received, counts, group=group)
+    received = received.view(world, local)
+    sent, got = counts.view(world, local).sum(1).tolist(), received.sum(1).tolist()
+    x = _AllToAll.apply(rows, sent, got, group)
+    # They arrive by source rank, then by expert: sort them stably by expert (sources in rank order) to compute.
+    expert = torch.arange(local, device=x.device).repeat(world).repeat_interleave(received.reshape(-1))
+    order = torch.argsort(expert, stable=True)
+    out = experts(x[order], received.sum(0), w_gate_up, w_down)
+    out = torch.empty_like(out).index_copy_(0, order, out)
+    return _AllToAll.apply(out, got, sent, group)
+
+
 class MoE(nn.Module):
     """FFN replaced by E*G routed SwiGLU experts of width d_ff/G (top_k*G per token) plus shared ones."""
 
@@ -131,6 +176,18 @@ class MoE(nn.Module):
         self.w_down = nn.Parameter(torch.empty(n_experts, d_model, width))
         # n_shared always-active experts of width d_ff/G are one SwiGLU n_shared times as wide.
         self.shared = SwiGLU(d_model, cfg.n_shared * width) if cfg.n_shared else None
+        self.expert_group: dist.ProcessGroup | None = None  # set by shard_experts
+
+    def shard_experts(self, mesh: DeviceMesh) -> None:
+        """Keep this rank's E/W experts of the W ranks of `mesh`, as DTensors sharded on the expert dim (DCP
+        saves the whole tensor from the shards, and reshards on load for any W, or none); every rank must hold
+        the same full weights when called (the same seed). Forward then exchanges rows (experts_parallel)."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        for name in ("w_gate_up", "w_down"):
+            local = getattr(self, name).detach().chunk(mesh.size())[mesh.get_local_rank()].clone()
+            setattr(self, name, nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False)))
+        self.expert_group = mesh.get_group()
 
     def _grouped(self, x: torch.Tensor) -> bool:
         if self.dispatch != "auto":
@@ -159,12 +216,14 @@ class MoE(nn.Module):
         # Cast before the k-fold gather, not after; index_select's backward is an index_add (advanced
         # indexing's would sort the indices again on CUDA).
         rows = torch.index_select(x.reshape(-1, shape[-1]).to(dtype), 0, order // k)
-        # [E, out, in]; a pack's [K, E, out, in] as K * E experts
-        w_gate_up, w_down = (w.reshape(-1, *w.shape[-2:]) for w in (self.w_gate_up, self.w_down))
-        if self._grouped(x):
-            out = experts_grouped(rows, counts, w_gate_up.to(dtype), w_down.to(dtype))
+        # [E, out, in]; a pack's [K, E, out, in] as K * E experts; this rank's E/W when sharded
+        w_gate_up, w_down = (w.to_local() if self.expert_group else w for w in (self.w_gate_up, self.w_down))
+        w_gate_up, w_down = (w.reshape(-1, *w.shape[-2:]).to(dtype) for w in (w_gate_up, w_down))
+        experts = experts_grouped if self._grouped(x) else experts_loop
+        if self.expert_group is None:
+            out = experts(rows, counts, w_gate_up, w_down)
         else:
-            out = experts_loop(rows, counts, w_gate_up, w_down)
+            out = experts_parallel(rows, counts, w_gate_up, w_down, experts, self.expert_group)
         unsorted = torch.empty_like(out).index_copy_(0, order, out).view(-1, k, out.shape[-1])
         y = (unsorted * routing.weight.reshape(-1, k).to(unsorted.dtype).unsqueeze(-1)).sum(dim=1)  # not a product to count
         if self.shared is not None:

@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from models.config import Frozen, MoEConfig
 from sweeps.errors import SpecError, one_line
-from sweeps.trial import DataConfig, Resources, Runtime, ScheduleConfig
+from sweeps.trial import DataConfig, Resources, Runtime, ScheduleConfig, expert_shards
 
 def _as_list(value):
     """Axes are lists; a scalar in YAML is a one-value axis."""
@@ -220,6 +220,21 @@ class SweepSpec(Frozen):
                     raise ValueError(f"train.{knob} is an axis and search.{knob} searches it too; keep one")
         if "moe" not in self.model.family and self.model.moe:
             raise ValueError("model.moe is set but model.family has no 'moe'")
+        return self
+
+    @model_validator(mode="after")
+    def _expert_parallel_fits(self) -> SweepSpec:
+        """What can be checked before W is known per trial (resources.gpus 'auto': runners.scheduling.resources)."""
+        if not self.runtime.expert_parallel:
+            return self
+        if "moe" not in self.model.family:
+            raise ValueError("runtime.expert_parallel shards MoE experts but model.family has no 'moe'; add it or "
+                             "set expert_parallel false")
+        if self.resources.workers < 2 and self.resources.gpus != "auto":
+            raise ValueError(f"runtime.expert_parallel needs a gang; set resources.gpus to W >= 2 (now "
+                             f"{self.resources.gpus}) or expert_parallel false")
+        for moe in self.model.moe_configs():
+            expert_shards(moe, self.runtime, self.resources.workers)
         return self
 
 

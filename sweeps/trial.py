@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from models.config import Frozen, ModelConfig
+from models.config import Frozen, ModelConfig, MoEConfig
 
 DEFAULT_SOURCE = "stdlib"
 
@@ -206,8 +206,11 @@ class Runtime(Frozen):
                                              "'ddp' a full copy per rank, gradients all-reduced; 'fsdp' parameters, "
                                              "gradients and optimizer state sharded per block (FSDP2, bf16 compute on "
                                              "GPU). Either way the global batch in tokens is train.batch_size")
-    expert_parallel: bool = Field(False, description="MoE in a gang: experts sharded over the ranks, tokens sent "
-                                  "to them by all-to-all (not yet available: keep false)")
+    expert_parallel: bool = Field(False, description="MoE trials in a gang of W ranks: each rank holds E*G/W of "
+                                  "the experts and tokens go to the rank holding theirs and back by all-to-all; "
+                                  "routing, capacity and the dense parts stay data-parallel (runtime.parallel). Needs "
+                                  "model.family moe, resources.gpus W >= 2 (or 'auto': its one-GPU trials keep all "
+                                  "experts) and n_experts * granularity divisible by W")
 
     @field_validator("pack", mode="before")
     @classmethod
@@ -215,9 +218,16 @@ class Runtime(Frozen):
         """YAML reads a bare `off` as false (and `on` as true): take them as the words written."""
         return {False: "off", True: "auto"}[value] if isinstance(value, bool) else value
 
-    @model_validator(mode="after")
-    def _no_expert_parallel_yet(self) -> Runtime:
-        if self.expert_parallel:
-            raise ValueError("expert_parallel is not available yet; set it to false (MoE gangs run their experts "
-                             "data-parallel, as the dense parts)")
-        return self
+
+def expert_shards(moe: MoEConfig | None, runtime: Runtime, world: int) -> int:
+    """Ranks a trial's experts (`moe`: model.moe) are sharded over on `world` ranks: W for an MoE trial of a gang under
+    runtime.expert_parallel, else 1 (every rank, or the one process, holds them all). ValueError naming the
+    field and the fix when W does not divide the experts."""
+    if not (runtime.expert_parallel and moe is not None and world > 1):
+        return 1
+    experts = moe.n_experts * moe.granularity
+    if experts % world:
+        raise ValueError(f"runtime.expert_parallel: {experts} experts (model.moe n_experts * granularity) cannot be "
+                         f"shared by {world} ranks; use a gang size (resources.gpus) that divides {experts}, or set "
+                         "expert_parallel false")
+    return world

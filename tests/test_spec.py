@@ -53,7 +53,7 @@ def test_scalars_become_axes(tmp_path):
         ({"runtime": {"max_pack": 0}}, "runtime.max_pack = 0: Input should be greater than or equal to 1"),
         ({"resources": {"gpus": 2.5}}, "gpus 2.5: above 1 a trial takes whole GPUs (a gang of workers); use 2 or 3"),
         ({"runtime": {"parallel": "tp"}}, "runtime.parallel = 'tp': Input should be 'ddp' or 'fsdp'"),
-        ({"runtime": {"expert_parallel": True}}, "expert_parallel is not available yet; set it to false"),
+        ({"runtime": {"expert_parallel": True}}, "runtime.expert_parallel shards MoE experts but model.family has no 'moe'"),
     ],
 )
 def test_bad_specs_give_one_line(tmp_path, change, expected):

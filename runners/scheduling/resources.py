@@ -21,7 +21,7 @@ from models import estimate_memory_bytes
 from sweeps.errors import SpecError
 from sweeps.expand import PlannedTrial
 from sweeps.packs import group_packs
-from sweeps.trial import Resources, Runtime
+from sweeps.trial import Resources, Runtime, expert_shards
 
 SHARES = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # shares that tile a GPU exactly
 HEADROOM = 1.25  # allocator fragmentation, CUDA context and compile workspaces beyond the estimate
@@ -77,8 +77,17 @@ def gang_size(planned: PlannedTrial, resources: Resources, runtime: Runtime, gpu
     it; memory beyond it is an error). 1 while one GPU does both: the trial then takes a share (gpu_share).
     The memory rule divides the whole estimate by W (FSDP shards) although activations do not shard: HEADROOM
     is what covers that, so prefer micro-batches that keep activations small (runtime.micro_batch_size)."""
-    if resources.gpus != "auto":
-        return resources.workers
+    workers = resources.workers if resources.gpus != "auto" else _auto_workers(planned, resources, runtime,
+                                                                               gpu_memory_bytes, peak_flops)
+    try:  # W is decided here, so here it must split the experts (runtime.expert_parallel)
+        expert_shards(planned.trial.model.moe, runtime, workers)
+    except ValueError as e:
+        raise SpecError(f"trial {planned.trial_id}, a gang of {workers} (resources.gpus {resources.gpus}): {e}") from None
+    return workers
+
+
+def _auto_workers(planned: PlannedTrial, resources: Resources, runtime: Runtime, gpu_memory_bytes: int | None,
+                  peak_flops: float | None) -> int:
     workers = 1
     if gpu_memory_bytes:
         need = member_bytes(planned, runtime) / gpu_memory_bytes

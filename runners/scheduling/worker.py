@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from runners.tracking import names
 from runners.tracking.interrupts import deferred_interrupts
 from runners.tracking.runs import MlflowSink, RunRequest, client, open_run, set_status
-from sweeps.trial import Runtime, TrialConfig
+from sweeps.trial import Runtime, TrialConfig, expert_shards
 
 
 @dataclass(frozen=True)
@@ -138,10 +138,13 @@ class NullSink:
         return True
 
 
-def group_tags(placed: list[dict[str, str]], runtime: Runtime) -> dict[str, str]:
-    """Where a trial's ranks run (`placed`: each rank's `where()`, in rank order), as tags: rank 0's own, and the group's."""
+def group_tags(placed: list[dict[str, str]], runtime: Runtime, trial: TrialConfig) -> dict[str, str]:
+    """Where a trial's ranks run (`placed`: each rank's `where()`, in rank order), as tags: rank 0's own, and the
+    group's, with how it shares the model."""
+    sharded = expert_shards(trial.model.moe, runtime, len(placed)) > 1
     tags = placed[0] | {names.TAG_WORLD: str(len(placed)),
-                        names.TAG_PARALLEL: runtime.parallel if len(placed) > 1 else "none"}
+                        names.TAG_PARALLEL: runtime.parallel if len(placed) > 1 else "none",
+                        names.TAG_EXPERT_PARALLEL: str(sharded).lower()}
     if len(placed) > 1:
         tags[names.TAG_RANK_WORKERS] = ",".join(p[names.TAG_WORKER] for p in placed)
         tags[names.TAG_RANK_NODES] = ",".join(p[names.TAG_NODE] for p in placed)
@@ -161,7 +164,7 @@ def run_job(job: TrialJob, on_eval=None) -> dict:
     placed = group.gather(where())
     opened = _open(mlflow, job) if group.main else None  # the trial's runs start now
     if opened:
-        set_status(mlflow, opened.run_id, names.RUNNING, **group_tags(placed, runtime))
+        set_status(mlflow, opened.run_id, names.RUNNING, **group_tags(placed, runtime, trial))
     data = _open_data(trial, job.cache_dir)
     sink, branch_sinks = _sinks(job, opened)
     try:
@@ -183,7 +186,7 @@ def run_pack_job(job: PackJob, on_eval: Callable[[str], Callable[[int, float], b
 
     runtime, mlflow = _start(job.members[0])
     trials = [TrialConfig.model_validate_json(m.trial_json) for m in job.members]
-    here = group_tags([where()], runtime) | {names.TAG_PACK: " ".join(t.trial_id for t in trials)}  # one process
+    here = group_tags([where()], runtime, trials[0]) | {names.TAG_PACK: " ".join(t.trial_id for t in trials)}  # one process
     runs = [_open(mlflow, m) for m in job.members]  # every member's runs start with the pack
     for r in runs:
         set_status(mlflow, r.run_id, names.RUNNING, **here)

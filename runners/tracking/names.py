@@ -24,6 +24,7 @@ TAG_NODE = "scaling.node"            # Ray node id of that process
 TAG_GPUS = "scaling.gpus"            # GPU ids Ray gave that process ("" on CPU)
 TAG_WORLD = "scaling.world_size"     # processes training the trial (a gang: W ranks; the tags above are rank 0's)
 TAG_PARALLEL = "scaling.parallel"    # how a gang shares the model: ddp | fsdp ("none" for one process)
+TAG_EXPERT_PARALLEL = "scaling.expert_parallel"  # "true" when the trial's experts were sharded over its ranks, else "false"
 TAG_RANK_WORKERS = "scaling.rank_workers"  # a gang's host:pid of each rank, comma-separated in rank order
 TAG_RANK_NODES = "scaling.rank_nodes"      # a gang's Ray node id of each rank, comma-separated in rank order
 TAG_CUDA = "scaling.cuda_device"     # the GPU torch trains on, as Ray names it (GPU workers only)

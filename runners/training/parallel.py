@@ -7,6 +7,10 @@ ranks: the step is the single process's step on the same tokens, up to the order
 evaluations are averaged over the group, so every rank sees the same curve and takes the same decisions
 (divergence, pruning, forks); rank 0 alone logs.
 
+Under runtime.expert_parallel an MoE model's experts are not data-parallel: each rank keeps E/W of them
+(models.moe.MoE.shard_experts, DTensors sharded on the expert dim) and the wrapper leaves them alone; the
+all-to-all brings each expert the gradient of every rank's tokens.
+
 At world size 1 there is no process group, nothing is wrapped and no collective runs: the single-process
 trainer is the same code at the same speed.
 """
@@ -18,8 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from sweeps.trial import Runtime
+from models.moe import MoE
+from sweeps.trial import Runtime, expert_shards
 
 
 @dataclass(frozen=True)
@@ -77,23 +83,44 @@ def current() -> Group:
 
 def wrap(model: nn.Module, runtime: Runtime, device: torch.device, group: Group) -> nn.Module:
     """What the trainer calls forward on: `model` itself at world size 1; else DDP around it, or FSDP2 sharding
-    applied to it in place (each block a unit, then the rest), bf16 compute with fp32 reduction on CUDA.
+    applied to it in place (each block a unit, then the rest), bf16 compute with fp32 reduction on CUDA; the
+    experts sharded first under expert parallelism (shard_experts), and left out of either wrapper.
 
     MoE experts that got no tokens in a micro-batch get no gradient: DDP is told to look for them."""
     if group.world == 1:
         return model
+    mesh = init_device_mesh(device.type, (group.world,))
+    experts = shard_experts(model, mesh) if expert_shards(model.cfg.moe, runtime, group.world) > 1 else set()
     if runtime.parallel == "ddp":
         ids = [device.index] if device.type == "cuda" else None
+        names = [name for name, p in model.named_parameters() if p in experts]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
         return nn.parallel.DistributedDataParallel(model, device_ids=ids,
                                                    find_unused_parameters=model.cfg.family == "moe")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
-    for block in model.blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    for block in model.blocks:  # one mesh with the experts': their DTensors and FSDP's meet in clipping
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=experts)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=experts)
     return model
+
+
+def shard_experts(model: nn.Module, mesh: DeviceMesh) -> set[nn.Parameter]:
+    """Expert parallelism over the ranks of `mesh` in every MoE layer; returns the expert parameters.
+
+    DDP and FSDP average the gradients of the rest over the ranks (each rank's loss is the mean over its own
+    tokens); an expert's gradient arrives as the sum over every rank's tokens, so it is divided by W to be
+    that same average."""
+    experts = set()
+    for layer in model.modules():
+        if isinstance(layer, MoE):
+            layer.shard_experts(mesh)
+            for p in (layer.w_gate_up, layer.w_down):
+                p.register_hook(lambda grad: grad / mesh.size())
+                experts.add(p)
+    return experts
 
 
 def rank_slice(seqs: int, group: Group) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from models import ModelConfig, flash4
 from runners.training.schedule import TrialSetupError
@@ -117,11 +118,28 @@ def accumulate_grads(model: nn.Module, micro_batches: Sequence[Batch], device: t
 def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, lr: float, grad_clip: float | None) -> None:
     """Clip, step at `lr`, and clear the gradients for the next step."""
     if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        clip_grad_norm(list(model.parameters()), grad_clip)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> None:
+    """torch's clip_grad_norm_, also over plain tensors beside DTensors (DDP's replicas beside expert-parallel
+    shards, runners.training.parallel), which torch's refuses to mix: the norm of the whole model's gradient,
+    the same on every rank."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    if len(sharded) in (0, len(grads)):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    norm = torch.linalg.vector_norm(torch.stack([torch.nn.utils.get_total_norm(plain),
+                                                 torch.nn.utils.get_total_norm(sharded).full_tensor()]))
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_
+    torch._foreach_mul_(plain + [g.to_local() for g in sharded], scale)
 
 
 @torch.no_grad()

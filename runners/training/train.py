@@ -52,7 +52,7 @@ from runners.training.result import BranchResult, TrialResult
 from runners.training.schedule import Plan, TrialSetupError, lr_at, plan_trial
 from runners.training.engine import Engine, PlainEngine
 from runners.training.step import Batch, peak_flops, pick_device
-from sweeps.trial import Runtime, TrialConfig
+from sweeps.trial import Runtime, TrialConfig, expert_shards
 
 RESULT = "result.json"
 FLUSH_S = 30.0  # how long a checkpoint waits for the tracking store before going on without it
@@ -128,6 +128,10 @@ def run_trial(trial: TrialConfig, runtime: Runtime, workdir: Path, sink: Sink, *
 def check_setup(trial: TrialConfig, runtime: Runtime, data: TokenData, world: int = 1) -> Plan:
     """The trial's plan on `world` ranks; TrialSetupError (naming the field and the fix) when it cannot start."""
     plan = plan_trial(trial, runtime, world)
+    try:
+        expert_shards(trial.model.moe, runtime, world)
+    except ValueError as e:
+        raise TrialSetupError(str(e)) from None
     if data.vocab_size > trial.model.vocab_size:
         raise TrialSetupError(f"model.vocab_size {trial.model.vocab_size} is smaller than the data's "
                               f"vocabulary ({data.vocab_size}); set it to at least {data.vocab_size}")
