@@ -24,10 +24,10 @@ def test_trial_runs_reads_each_trials_window_and_flops_from_a_real_sweep(tmp_pat
     import pandas as pd
 
     from runners.cli import main
-    from runners.bench.sweepstats import trial_runs
+    from runners.bench.sweepstats import time_shares, trial_runs
     from tests.helpers import tiny_spec
 
-    spec = tiny_spec(tmp_path, name="stats")
+    spec = tiny_spec(tmp_path, name="stats", train={"lr": [3e-3, 1e-2]})  # 4 shapes x 2 lrs: 4 packs of 2
     assert main(["plan", str(spec), "--format", "csv", "--out", str(tmp_path / "plan.csv")]) == 0
     assert main(["run", str(spec), "--no-fit"]) == 0
     mlflow.set_tracking_uri(sqlite_uri)
@@ -36,3 +36,8 @@ def test_trial_runs_reads_each_trials_window_and_flops_from_a_real_sweep(tmp_pat
     assert len(runs) == len(planned)
     assert runs.flops.sum() == pytest.approx(planned.flops_exact.sum())
     assert ((runs.start < runs.first_step) & (runs.first_step < runs.end)).all()
+    # where the time went: logged by every trial; a pack's members share one process (and its start)
+    assert runs.task.nunique() == 4 and (runs.groupby("task").setup.nunique() == 1).all()
+    assert runs.total.notna().all() and (runs.total <= runs.end - runs.start + 1.0).all()
+    shares = time_shares(runs)
+    assert min(shares.values()) >= 0 and shares["train"] > 0 and sum(shares.values()) == pytest.approx(1.0)

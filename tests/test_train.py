@@ -7,6 +7,7 @@ few hundred steps, one thread (so every run is bitwise repeatable).
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 
@@ -218,3 +219,39 @@ def test_a_trial_with_unique_tokens_repeats_them_and_logs_its_epochs(data, tmp_p
     assert result.status == names.FINISHED and result.repeats_data
     assert sink.points[names.EPOCHS][40 * BATCH] == pytest.approx(4.0)  # D / U
     assert capped.trial_id != trial.trial_id
+
+
+class SlowStoreSink(MemorySink):
+    """A tracking store that takes its time: `eval_s` to store each evaluation, `flush_s` to make points durable."""
+
+    def __init__(self, eval_s: float, flush_s: float):
+        super().__init__()
+        self.eval_s, self.flush_s, self.flushes = eval_s, flush_s, 0
+
+    def log(self, metrics: Mapping[str, float], tokens: int) -> None:
+        if names.VAL_LOSS in metrics:
+            time.sleep(self.eval_s)
+        super().log(metrics, tokens)
+
+    def flush(self, timeout_s: float) -> bool:
+        self.flushes += 1
+        time.sleep(self.flush_s)
+        return True
+
+
+def test_the_wall_time_is_accounted_to_its_phases(data, tmp_path):
+    """Evaluations and checkpoints (with the store's flush) are counted in their own phases and kept out of the
+    training intervals: counted twice, `other` would go negative by their time."""
+    sink = SlowStoreSink(eval_s=0.2, flush_s=0.1)
+    started = time.perf_counter()
+    result, _, _ = train(make_trial(data, 150, kind="cosine"), data, tmp_path, sink=sink,
+                         runtime=CPU.model_copy(update={"checkpoint_every_s": 0.3}))
+    wall = time.perf_counter() - started
+    spent = {p: sink.points[names.time_metric(p)] for p in names.TIME_PHASES}
+    assert all(list(v) == [result.tokens] for v in spent.values())  # logged once, as the trial ended
+    spent = {p: v[result.tokens] for p, v in spent.items()}
+    assert spent["total"] <= wall and spent["total"] > 0.9 * wall
+    checkpoints = sink.flushes - 1  # the last flush stores the result, after the times are logged
+    assert spent["eval"] >= 4 * 0.2 and spent["checkpoint"] >= checkpoints * 0.1 and checkpoints >= 2
+    assert min(spent.values()) >= 0.0 and spent["train"] > 0 and spent["setup"] > 0
+    assert spent["train"] + spent["first_interval"] < spent["total"] - spent["eval"] - spent["checkpoint"]

@@ -2,14 +2,16 @@
 
     python -m runners.bench.sweepstats SPEC --util gpu_util.csv [--on DEVICE --at COMMIT]
 
-Appends `benchmark: sweep` figures to results/benchmarks.jsonl. The window runs from the first trial's
-submission (the driver registers every trial's MLflow run as it submits it) to the last trial's end, so
-it holds the fresh Ray workers' start but not the driver's own (imports, Ray, the MLflow store):
+Appends `benchmark: sweep` figures to results/benchmarks.jsonl. The window runs from the first trial's start
+(a trial's MLflow run starts when a worker starts training it) to the last trial's end, so it holds neither the
+driver's own start (imports, Ray, the MLflow store) nor the first Ray workers':
 - wall_s and gpu_hours (wall x GPUs);
 - gpu_busy_fraction: mean nvidia-smi utilization.gpu over the window (a kernel was running; not MFU), and
   gpu_busy_fraction_training: the same from the first training step on;
 - mfu: the exact training FLOPs of every trial's main run (branch decays not counted) over wall x GPUs x
-  peak; mean_trial_mfu: the mean of the trials' own perf/mfu (each over one whole GPU's peak).
+  peak; mean_trial_mfu: the mean of the trials' own perf/mfu (each over one whole GPU's peak);
+- time_share_<phase>: where the trials' time went (names.TIME_PHASES: setup, first interval, training,
+  evaluations, checkpoints, other), as shares of their summed wall time, a pack counted once.
 run.sh calls it after every sweep stage; --on and --at name the device and commit when it runs elsewhere.
 """
 
@@ -54,11 +56,24 @@ def trial_runs(sweep: str) -> pd.DataFrame:
     # a trial that failed before its first step has no loss, one still running no end: NaN, which min/max skip
     first_step = [min((m.timestamp / 1000 for m in client.get_metric_history(r, names.TRAIN_LOSS)), default=float("nan"))
                   for r in runs.run_id]
+    phases = {p: runs.get(f"metrics.{names.time_metric(p)}", pd.Series(float("nan"), index=runs.index))
+              for p in names.TIME_PHASES}
     return pd.DataFrame({
         "start": runs.start_time.map(_seconds), "end": runs.end_time.map(_seconds),
         "first_step": first_step, "flops": runs[f"params.{names.PARAM_FLOPS_EXACT}"].astype(float),
         "mfu": runs.get(f"metrics.{names.MFU}", pd.Series(dtype=float)),
+        "task": runs.get(f"tags.{names.TAG_PACK}", pd.Series(None, index=runs.index)).fillna(runs.run_id),
+        **phases,
     })
+
+
+def time_shares(runs: pd.DataFrame) -> dict[str, float]:
+    """Each phase's share of the trials' summed wall time (names.TIME_PHASES but total), a pack counted once by
+    its last member to end (members share one process's time; one that diverged or was pruned logs it sooner);
+    trials that logged no times are left out."""
+    tasks = runs.dropna(subset=["total"]).sort_values("total").groupby("task").last()
+    total = tasks.total.sum()
+    return {p: float(tasks[p].sum() / total) for p in names.TIME_PHASES if p != "total"} if total > 0 else {}
 
 
 def main() -> None:
@@ -90,7 +105,8 @@ def main() -> None:
          {"per_gpu": busy_training, "how": f"from the first training step, {runs.first_step.min() - window[0]:.1f} s into the window"}),
         ("mfu", runs.flops.sum() / (wall * gpus * peak), "fraction", {"how": f"exact FLOPs / (wall x {gpus} x {peak:.3g})"}),
         ("mean_trial_mfu", float(runs.mfu.mean()), "fraction", {"how": "mean of the trials' perf/mfu"}),
-    ]
+    ] + [(f"time_share_{phase}", share, "fraction", {"how": "of the trials' summed wall time, a pack once"})
+         for phase, share in time_shares(runs).items()]
     for metric, value, unit, extra in figures:
         line = append("sweep", metric, round(float(value), 4), unit, config | extra, on=on, at=args.at)
         print(f"sweep {metric}: {line['value']} {unit}")

@@ -67,6 +67,15 @@ LR = "lr"
 TOKENS_PER_S = "perf/tokens_per_s"
 MFU = "perf/mfu"                     # exact FLOPs/s over the device's peak (GPU only)
 EPOCHS = "data/epochs"               # passes over the unique training tokens so far
+# Where an attempt's wall time went, logged once as a trial ends (seconds; a pack's members share them): setup
+# (model, optimizer, validation batches, resume), the first logged interval of training (torch.compile's
+# warm-up), the later training intervals, evaluations, checkpoints (and the tracking store's flush), other
+# (what is left: logging, forks' bookkeeping) and total.
+TIME_PHASES = ("setup", "first_interval", "train", "eval", "checkpoint", "other", "total")
+
+
+def time_metric(phase: str) -> str:
+    return f"time/{phase}_s"
 ROUTER_PREFIX = "router/"            # router/layer{i}/{load_max,load_cv,dropped_frac,balance_loss,z_loss}
 
 # Artifacts on the sweep's parent run

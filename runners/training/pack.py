@@ -12,6 +12,7 @@ the other, each from where its members are.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ class Member:  # one trial inside a pack
 
 def run_pack(members: list[Member], runtime: Runtime, *, data: TokenData) -> list[TrialResult]:
     """Train every member to the end (each resuming from its workdir) and return their results, in order."""
+    started = time.perf_counter()
     timelines = [Timeline(m.trial, Path(m.workdir), m.sink, m.branch_sinks, m.on_eval) for m in members]
     if len({pack_key(m.trial) for m in members}) > 1:
         raise TrialSetupError("these trials differ in model, data, tokens, batch, eval points or schedule; "
@@ -56,8 +58,9 @@ def run_pack(members: list[Member], runtime: Runtime, *, data: TokenData) -> lis
     device = pick_device(runtime)
     for group in _by_progress([t for t in timelines if t.result is None]):
         engine = PackedEngine([t.trial for t in group], runtime, device)
-        for t, result in zip(group, Trainer(group, engine, runtime, data, device).run()):
+        for t, result in zip(group, Trainer(group, engine, runtime, data, device, started=started).run()):
             results[id(t)] = result
+        started = time.perf_counter()  # the next group's setup starts here
     return [results[id(t)] for t in timelines]
 
 

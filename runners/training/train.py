@@ -26,7 +26,8 @@ process: its members are never a gang.
 Logged curves (step = tokens seen on that curve): train loss every `plan.log_every` steps and at
 every evaluation and checkpoint, with lr, exact FLOPs to reach that point on that curve, tokens/s,
 MFU (GPU) and epochs; val loss and bpb at the log-spaced evaluations of the main run (none of them
-final but the last) and at each branch's end.
+final but the last) and at each branch's end; as a member ends, where the attempt's wall time went
+(names.TIME_PHASES: setup, the first interval, training, evaluations, checkpoints, the rest).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -118,11 +120,12 @@ def run_trial(trial: TrialConfig, runtime: Runtime, workdir: Path, sink: Sink, *
     done = timeline.done_result()
     if done is not None:
         return done
+    started = time.perf_counter()
     group = parallel.current()
     check_setup(trial, runtime, data, group.world)
     device = pick_device(runtime)
     engine = PlainEngine(trial, runtime, device, group)
-    return Trainer([timeline], engine, runtime, data, device, group).run()[0]
+    return Trainer([timeline], engine, runtime, data, device, group, started=started).run()[0]
 
 
 def check_setup(trial: TrialConfig, runtime: Runtime, data: TokenData, world: int = 1) -> Plan:
@@ -148,8 +151,10 @@ class Trainer:
     """Members on one timeline of optimizer steps: they step, evaluate, fork and checkpoint together."""
 
     def __init__(self, members: list[Timeline], engine: Engine, runtime: Runtime, data: TokenData,
-                 device: torch.device, group: parallel.Group = parallel.Group()):
+                 device: torch.device, group: parallel.Group = parallel.Group(), started: float | None = None):
+        """`started`: when this attempt began (perf_counter), for its setup time; default now."""
         self.members, self.engine, self.device, self.group = members, engine, device, group
+        self.started = time.perf_counter() if started is None else started
         first = members[0].trial
         self.data = data.with_unique_tokens(first.data.unique_tokens, first.model.seq_len)  # a pack shares its data
         self.plan: Plan = plan_trial(first, runtime, group.world)
@@ -173,6 +178,8 @@ class Trainer:
         self.first_interval: list[float] | None = None
         self.timed = [0.0, 0.0]
         self.interval_tokens = 0  # tokens trained since the last logged point
+        self.setup_s = 0.0
+        self.aside_s = {"eval": 0.0, "checkpoint": 0.0}  # time taken out of the training intervals
         self.clock = time.perf_counter()
         self.last_checkpoint = time.monotonic()
 
@@ -185,6 +192,7 @@ class Trainer:
     def run(self) -> list[TrialResult]:
         """Every member's result (each written to its workdir as it ends)."""
         self._resume()
+        self.setup_s = time.perf_counter() - self.started
         with deferred_interrupts():
             try:
                 while self._advance():
@@ -193,6 +201,7 @@ class Trainer:
                 self._save()
                 raise
         for i, member in self.active:
+            self._log_time(member)
             member.write_result(self._result(member, names.FINISHED), self.group)
         return [member.result for member in self.members]
 
@@ -241,50 +250,72 @@ class Trainer:
     def _end(self, i: int, status: str, diverged_at: int | None = None, error: str | None = None) -> None:
         """Member i stops here (diverged or pruned): its result is written and it takes no more updates."""
         self.engine.freeze(i)
+        self._log_time(self.members[i])
         self.members[i].write_result(self._result(self.members[i], status, diverged_at, error), self.group)
 
     # --- phases ---------------------------------------------------------------------------------
 
     def _fork(self, index: int) -> None:
         self._flush()
-        for i, _ in self.active:
-            self._checkpoint(i, checkpoint.FORK)
+        with self._aside("checkpoint"):
+            for i, _ in self.active:
+                self._checkpoint(i, checkpoint.FORK)
         self.branch = index
         self._save()
 
     def _end_branch(self) -> None:
         branch = self.plan.branches[self.branch]
-        losses = self._validate()
         done = {}
-        for i, member in self.active:
-            bpb = self._bpb(losses[i])
-            member.branch_sinks(branch.tokens).log({names.VAL_LOSS: losses[i], names.VAL_BPB: bpb}, branch.tokens)
-            done[i] = [*member.branches_done, dataclasses.asdict(BranchResult(branch.tokens, losses[i], bpb))]
-        for i, member in self.active:
-            # The fork's state holds the divergence tracker too: the branch's decayed, lower losses must
-            # not become the minimum that the main run's losses are held against.
-            self._load(i, checkpoint.FORK)
-            member.branches_done = done[i]
+        with self._aside("eval"):
+            losses = self._validate()
+            for i, member in self.active:
+                bpb = self._bpb(losses[i])
+                member.branch_sinks(branch.tokens).log({names.VAL_LOSS: losses[i], names.VAL_BPB: bpb}, branch.tokens)
+                done[i] = [*member.branches_done, dataclasses.asdict(BranchResult(branch.tokens, losses[i], bpb))]
+        with self._aside("checkpoint"):
+            for i, member in self.active:
+                # The fork's state holds the divergence tracker too: the branch's decayed, lower losses must
+                # not become the minimum that the main run's losses are held against.
+                self._load(i, checkpoint.FORK)
+                member.branches_done = done[i]
         self._save()
 
     def _evaluate_main(self) -> None:
         self._flush()
-        losses = self._validate()
-        tokens = self.step * self.plan.batch_size
-        for i, member in self.active:
-            member.final_val = [losses[i], self._bpb(losses[i])]
-            member.sink.log({names.VAL_LOSS: losses[i], names.VAL_BPB: member.final_val[1]}, tokens)
-            asked = member.on_eval is not None and member.on_eval(tokens, losses[i])
-            if self.group.from_main(asked) and self.step < self.plan.total_steps:  # the pruner asks rank 0
-                self._end(i, names.PRUNED, error=f"pruned at {tokens} tokens (val loss {losses[i]:.4f})")
+        with self._aside("eval"):
+            losses = self._validate()
+            tokens = self.step * self.plan.batch_size
+            for i, member in self.active:
+                member.final_val = [losses[i], self._bpb(losses[i])]
+                member.sink.log({names.VAL_LOSS: losses[i], names.VAL_BPB: member.final_val[1]}, tokens)
+                asked = member.on_eval is not None and member.on_eval(tokens, losses[i])
+                if self.group.from_main(asked) and self.step < self.plan.total_steps:  # the pruner asks rank 0
+                    self._end(i, names.PRUNED, error=f"pruned at {tokens} tokens (val loss {losses[i]:.4f})")
 
     # --- evaluation and logging -----------------------------------------------------------------
 
     def _validate(self) -> list[float]:
-        started = time.perf_counter()
         total, count = self.group.sum(self.engine.evaluate(self.val))
-        self.clock += time.perf_counter() - started  # evaluation time is not training time
         return (total / count).reshape(-1).tolist()
+
+    @contextmanager
+    def _aside(self, phase: str) -> Iterator[None]:
+        """Time spent on `phase` (eval, checkpoint), counted there and kept out of the training intervals."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - started
+            self.aside_s[phase] += seconds
+            self.clock += seconds
+
+    def _log_time(self, member: Timeline) -> None:
+        """Where this attempt's wall time went (names.TIME_PHASES), logged as the member ends."""
+        first = self.first_interval[1] if self.first_interval else 0.0
+        spent = {"setup": self.setup_s, "first_interval": first, "train": self.timed[1], **self.aside_s,
+                 "total": time.perf_counter() - self.started}
+        spent["other"] = spent["total"] - sum(v for k, v in spent.items() if k != "total")
+        member.sink.log({names.time_metric(p): spent[p] for p in names.TIME_PHASES}, self._main_tokens())
 
     def _bpb(self, loss: float) -> float:
         return loss / math.log(2) / self.data.val_bytes_per_token
@@ -362,13 +393,12 @@ class Trainer:
         checkpoint.save(member.workdir, name, *self.engine.member(i), progress, self.group)
 
     def _save(self) -> None:
-        started = time.perf_counter()
-        self._sync()
-        for i, member in self.active:
-            make_durable(member.sinks())
-            self._checkpoint(i, checkpoint.LATEST)
+        self._sync()  # the losses reach the host: the end of the steps' own time
+        with self._aside("checkpoint"):
+            for i, member in self.active:
+                make_durable(member.sinks())
+                self._checkpoint(i, checkpoint.LATEST)
         self.last_checkpoint = time.monotonic()
-        self.clock += time.perf_counter() - started
 
     def _load(self, i: int, name: str) -> None:
         """Member i from its checkpoint `name` (there is one); the first member loaded sets the timeline's step
@@ -420,10 +450,14 @@ class Trainer:
 
     # --- result ---------------------------------------------------------------------------------
 
+    def _main_tokens(self) -> int:
+        """Tokens the main run has trained (at a branch: its fork's)."""
+        main_step = self.step if self.branch is None else self.plan.branches[self.branch].fork_step
+        return main_step * self.plan.batch_size
+
     def _result(self, member: Timeline, status: str, diverged_at: int | None = None,
                 error: str | None = None) -> TrialResult:
-        main_step = self.step if self.branch is None else self.plan.branches[self.branch].fork_step
-        tokens = main_step * self.plan.batch_size
+        tokens = self._main_tokens()
         final = member.final_val if status == names.FINISHED else None
         timed_tokens, seconds = self.timed if self.timed[1] > 0 else (self.first_interval or [0.0, 0.0])
         tokens_per_s = timed_tokens / seconds if seconds > 0 else 0.0
