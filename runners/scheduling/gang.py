@@ -36,7 +36,7 @@ def run_gang(job: TrialJob, gang: Gang, on_eval=None) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from runners.training.train import RESULT
+    from runners.training.timeline import RESULT
 
     per_worker = {"CPU": job.cpus} | ({"GPU": 1} if gang.use_gpu else {})
     trainer = TorchTrainer(

@@ -27,7 +27,8 @@ from runners.training.packed_optim import PackedAdamW
 from runners.training.result import TrialResult
 from runners.training.schedule import TrialSetupError
 from runners.training.step import Batch, accumulate_grads, evaluate, numerics, pick_device, wants_compile
-from runners.training.train import Sink, Timeline, Trainer, check_setup
+from runners.training.timeline import Sink, Timeline
+from runners.training.train import Trainer, check_setup
 from sweeps.packs import pack_key
 from sweeps.trial import Runtime, TrialConfig
 
@@ -36,7 +37,7 @@ from sweeps.trial import Runtime, TrialConfig
 class Member:  # one trial inside a pack
     trial: TrialConfig
     workdir: Path  # its own checkpoint folder, as for an unpacked trial
-    sink: Sink  # its MLflow run's sink (runners.training.train.Sink protocol)
+    sink: Sink  # its MLflow run's sink (runners.training.timeline.Sink protocol)
     branch_sinks: Callable[[int], Sink]
     on_eval: Callable[[int, float], bool] | None = None  # Optuna pruning: True = stop this member
 

@@ -33,14 +33,11 @@ final but the last) and at each branch's end; as a member ends, where the attemp
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -51,65 +48,11 @@ from runners.tracking import names
 from runners.tracking.interrupts import check_interrupt, deferred_interrupts
 from runners.training import checkpoint, parallel
 from runners.training.result import BranchResult, TrialResult
+from runners.training.timeline import Sink, Timeline, make_durable
 from runners.training.schedule import Plan, TrialSetupError, lr_at, plan_trial
 from runners.training.engine import Engine, PlainEngine
 from runners.training.step import Batch, peak_flops, pick_device
 from sweeps.trial import Runtime, TrialConfig, expert_shards
-
-RESULT = "result.json"
-FLUSH_S = 30.0  # how long a checkpoint waits for the tracking store before going on without it
-
-
-class Sink(Protocol):
-    def log(self, metrics: Mapping[str, float], tokens: int) -> None: ...
-
-    def flush(self, timeout_s: float) -> bool: ...  # True when everything logged so far is stored
-
-
-def make_durable(sinks: list[Sink]) -> None:
-    """Before a checkpoint or result says how far a trial got, its points up to there reach the store: a trial
-    killed afterwards resumes from that checkpoint (or result) and never logs them again. With the store
-    unreachable for FLUSH_S, training goes on and those points wait in the sink."""
-    for sink in sinks:
-        sink.flush(FLUSH_S)
-
-
-@dataclasses.dataclass
-class Timeline:
-    """One trial on a (possibly shared) timeline: where it logs, what it has seen, and how it ended."""
-
-    trial: TrialConfig
-    workdir: Path
-    sink: Sink
-    branch_sinks: Callable[[int], Sink]
-    on_eval: Callable[[int, float], bool] | None = None
-    # Progress, saved in its checkpoints.
-    branches_done: list[dict] = dataclasses.field(default_factory=list)
-    loss_min: float = math.inf
-    pending: list[float] = dataclasses.field(default_factory=list)  # train losses since the last logged point
-    final_val: list[float] | None = None  # [loss, bpb] of the main run's latest evaluation
-    result: TrialResult | None = None  # set when it has ended
-
-    def sinks(self) -> list[Sink]:
-        return [self.sink, *map(self.branch_sinks, self.trial.train.schedule.branches)]
-
-    def done_result(self) -> TrialResult | None:
-        """The result of an ended trial, from its workdir."""
-        done = self.workdir / RESULT
-        return _result_from_json(done.read_text()) if done.exists() else None
-
-    def write_result(self, result: TrialResult, group: parallel.Group) -> None:
-        """Mark the trial ended: its points stored, result.json written (by rank 0), its checkpoints deleted."""
-        self.result = result
-        make_durable(self.sinks())
-        group.barrier()  # every rank is done with the checkpoints before they go
-        if not group.main:
-            return
-        done = self.workdir / RESULT
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(result)))
-        os.replace(tmp, done)
-        checkpoint.discard(self.workdir)  # the result stands for them now; free the disk
 
 
 def run_trial(trial: TrialConfig, runtime: Runtime, workdir: Path, sink: Sink, *, data: TokenData,
@@ -139,12 +82,6 @@ def check_setup(trial: TrialConfig, runtime: Runtime, data: TokenData, world: in
         raise TrialSetupError(f"model.vocab_size {trial.model.vocab_size} is smaller than the data's "
                               f"vocabulary ({data.vocab_size}); set it to at least {data.vocab_size}")
     return plan
-
-
-def _result_from_json(text: str) -> TrialResult:
-    fields = json.loads(text)
-    fields["branches"] = [BranchResult(**b) for b in fields["branches"]]
-    return TrialResult(**fields)
 
 
 class Trainer:
