@@ -234,16 +234,22 @@ class _LockedSqliteInOneLine(logging.Filter):
 logging.getLogger("mlflow.store.db.utils").addFilter(_LockedSqliteInOneLine())
 
 
+# A tracking server whose database connections are all taken answers 400 with SQLAlchemy's pool timeout.
+BUSY_SERVER = "QueuePool limit"
+
+
 def when_available(write: Callable[[], T], patience_s: float = 300.0) -> T:
     """`write()`, tried again while the store answers that it is busy: a sqlite file locked by other
-    writers past MLflow's 20 s busy timeout (every trial of a sweep writes to it), or a server under load."""
+    writers past MLflow's 20 s busy timeout (every trial of a sweep writes to it), or a server under load
+    (TEMPORARILY_UNAVAILABLE, or its database connection pool exhausted)."""
     deadline = time.monotonic() + patience_s
     delay = 1.0
     while True:
         try:
             return write()
         except MlflowException as e:
-            if e.error_code != "TEMPORARILY_UNAVAILABLE" or time.monotonic() > deadline:
+            busy = e.error_code == "TEMPORARILY_UNAVAILABLE" or BUSY_SERVER in e.message
+            if not busy or time.monotonic() > deadline:
                 raise
             log.warning("tracking store busy (%s); trying again in %.0f s", e.message.partition("\n")[0], delay)
         time.sleep(delay)
@@ -264,7 +270,7 @@ class MlflowSink:
         self.every_s = every_s
         self._buffer: list[Metric] = []
         self._lock = threading.Lock()
-        self._sent_through = self._last_steps()
+        self._sent_through = when_available(self._last_steps)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"mlflow-sink-{run_id[:8]}")
         self._thread.start()
