@@ -1,9 +1,10 @@
 """Which trials can train together as one stacked model (a pack, issue 19).
 
-Members of a pack share everything that sets the shape of the computation and the data they read: the model,
-the corpus, and the token budget, batch size, evaluation points and schedule shape (so every member steps,
+Members of a pack share everything that sets the shape of the computation and the corpus they read: the model,
+the data config, and the token budget, batch size, evaluation points and schedule shape (so every member steps,
 evaluates and forks its WSD branches at the same tokens). They may differ in what only the optimiser or the
-data order sees: lr, seed, init_std, weight_decay, beta1, beta2, grad_clip, spike_threshold.
+data order sees: lr, seed, init_std, weight_decay, beta1, beta2, grad_clip, spike_threshold, and
+data.unique_tokens (how much of the corpus a member repeats: its own batches, the same validation set).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def pack_key(trial: TrialConfig) -> str:
     """12 hex digits of the sha256 of the shared part of a trial (canonical JSON, as trial ids are made)."""
     shared = {
         "model": trial.model.model_dump(mode="json"),
-        "data": trial.data.model_dump(mode="json"),
+        "data": trial.data.model_dump(mode="json", exclude={"unique_tokens"}),
         "train": trial.train.model_dump(mode="json", include={"tokens", "batch_size", "eval_points", "schedule"}),
     }
     canonical = json.dumps(shared, sort_keys=True, separators=(",", ":"))

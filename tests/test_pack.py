@@ -155,6 +155,23 @@ def test_accumulated_micro_batches_train_each_member_as_alone(data, tmp_path):
         assert m.sink.points[names.TRAIN_LOSS] == pytest.approx(twin.sink.points[names.TRAIN_LOSS], rel=1e-5)
 
 
+def test_members_that_repeat_different_amounts_of_data_train_each_as_alone(data, tmp_path):
+    """data.unique_tokens is a member's own: one repeats 3 steps' worth of windows (4 epochs in 12 steps),
+    one reads the whole split; each sees its own batches and epochs, and both the same validation set."""
+    base = make_trial(data, 12, kind="constant")
+    repeats = base.model_copy(update={"data": base.data.model_copy(update={"unique_tokens": 3 * BATCH}),
+                                      "train": base.train.model_copy(update={"seed": 1})})
+    runs = list(packed_and_alone([base, repeats], CPU, data, tmp_path))
+    for m, result, twin, expected in runs:
+        assert result.final_val_loss == pytest.approx(expected.final_val_loss, rel=1e-5)
+        assert result.repeats_data == expected.repeats_data
+        for key in (names.TRAIN_LOSS, names.EPOCHS):
+            assert m.sink.points[key] == pytest.approx(twin.sink.points[key], rel=1e-5), key
+    (_, whole, _, _), (m, repeated, _, _) = runs
+    assert repeated.repeats_data and not whole.repeats_data
+    assert max(m.sink.points[names.EPOCHS].values()) == pytest.approx(4.0)
+
+
 def test_members_of_different_shapes_are_refused(data, tmp_path):
     other = make_trial(data, STEPS + 1)
     with pytest.raises(TrialSetupError, match="group them with sweeps.packs.group_packs"):

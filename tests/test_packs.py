@@ -1,4 +1,5 @@
-"""Grouping trials into packs: members share the shape of the computation and differ only in optimiser and seed."""
+"""Grouping trials into packs: members share the shape of the computation and differ only in optimiser, seed and
+unique tokens."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ def trial(model: ModelConfig = MODEL, data: DataConfig = DataConfig(), **train) 
                                     dict(beta1=0.8), dict(beta2=0.99), dict(grad_clip=None), dict(spike_threshold=5.0)])
 def test_optimiser_and_seed_do_not_split_a_pack(change):
     assert pack_key(trial(**change)) == pack_key(trial())
+
+
+def test_how_much_data_a_member_repeats_does_not_split_a_pack():
+    assert pack_key(trial(data=DataConfig(unique_tokens=2048))) == pack_key(trial())
 
 
 @pytest.mark.parametrize("other", [

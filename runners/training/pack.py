@@ -47,7 +47,7 @@ def run_pack(members: list[Member], runtime: Runtime, *, data: TokenData) -> lis
     started = time.perf_counter()
     timelines = [Timeline(m.trial, Path(m.workdir), m.sink, m.branch_sinks, m.on_eval) for m in members]
     if len({pack_key(m.trial) for m in members}) > 1:
-        raise TrialSetupError("these trials differ in model, data, tokens, batch, eval points or schedule; "
+        raise TrialSetupError("these trials differ in model, data (beyond unique_tokens), tokens, batch, eval points or schedule; "
                               "group them with sweeps.packs.group_packs")
     results = {}
     for t in timelines:

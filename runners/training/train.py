@@ -93,7 +93,9 @@ class Trainer:
         self.members, self.engine, self.device, self.group = members, engine, device, group
         self.started = time.perf_counter() if started is None else started
         first = members[0].trial
-        self.data = data.with_unique_tokens(first.data.unique_tokens, first.model.seq_len)  # a pack shares its data
+        self.data = data  # its validation set and bytes per token are every member's
+        # Each member's training tokens: a pack's members may differ in data.unique_tokens (sweeps.packs).
+        self.train_data = [data.with_unique_tokens(m.trial.data.unique_tokens, first.model.seq_len) for m in members]
         self.plan: Plan = plan_trial(first, runtime, group.world)
         self.seq_len = first.model.seq_len
         self.checkpoint_every_s = runtime.checkpoint_every_s
@@ -139,7 +141,7 @@ class Trainer:
                 raise
         for i, member in self.active:
             self._log_time(member)
-            member.write_result(self._result(member, names.FINISHED), self.group)
+            member.write_result(self._result(i, names.FINISHED), self.group)
         return [member.result for member in self.members]
 
     def _advance(self) -> bool:
@@ -188,7 +190,7 @@ class Trainer:
         """Member i stops here (diverged or pruned): its result is written and it takes no more updates."""
         self.engine.freeze(i)
         self._log_time(self.members[i])
-        self.members[i].write_result(self._result(self.members[i], status, diverged_at, error), self.group)
+        self.members[i].write_result(self._result(i, status, diverged_at, error), self.group)
 
     # --- phases ---------------------------------------------------------------------------------
 
@@ -305,7 +307,7 @@ class Trainer:
                 names.LR: lr_at(cfg.schedule, cfg.lr, self.plan, self.step - 1, branch),
                 names.FLOPS: self.flops_per_token * tokens,
                 names.TOKENS_PER_S: tokens_per_s,
-                names.EPOCHS: self.data.epochs(tokens, self.seq_len),
+                names.EPOCHS: self.train_data[i].epochs(tokens, self.seq_len),
                 **router[i],
             }
             if self.peak:
@@ -377,9 +379,9 @@ class Trainer:
         plan = self.plan
         first, count = parallel.rank_slice(plan.seqs_per_step, self.group)  # this rank's share of the batch
         x, y = self.engine.stack([
-            self._to_device(*self.data.train_batch(step * plan.seqs_per_step + first, count, self.seq_len,
-                                                   member.trial.train.seed))
-            for member in self.members])
+            self._to_device(*data.train_batch(step * plan.seqs_per_step + first, count, self.seq_len,
+                                              member.trial.train.seed))
+            for member, data in zip(self.members, self.train_data)])
         return list(zip(x.split(plan.micro_seqs, dim=-2), y.split(plan.micro_seqs, dim=-2)))
 
     def _end_step(self) -> int:
@@ -392,16 +394,15 @@ class Trainer:
         main_step = self.step if self.branch is None else self.plan.branches[self.branch].fork_step
         return main_step * self.plan.batch_size
 
-    def _result(self, member: Timeline, status: str, diverged_at: int | None = None,
-                error: str | None = None) -> TrialResult:
-        tokens = self._main_tokens()
+    def _result(self, i: int, status: str, diverged_at: int | None = None, error: str | None = None) -> TrialResult:
+        member, tokens = self.members[i], self._main_tokens()
         final = member.final_val if status == names.FINISHED else None
         timed_tokens, seconds = self.timed if self.timed[1] > 0 else (self.first_interval or [0.0, 0.0])
         tokens_per_s = timed_tokens / seconds if seconds > 0 else 0.0
         return TrialResult(
             status=status, final_val_loss=final[0] if final else None, final_val_bpb=final[1] if final else None,
             tokens=tokens, branches=[BranchResult(**b) for b in member.branches_done],
-            repeats_data=self.data.epochs(tokens, self.seq_len) > 1.0,
+            repeats_data=self.train_data[i].epochs(tokens, self.seq_len) > 1.0,
             diverged_at_tokens=diverged_at, error=error, tokens_per_s=tokens_per_s,
             mfu=self.flops_per_token * tokens_per_s / self.peak if self.peak and tokens_per_s else None,
             numerics=self.engine.numerics,
