@@ -201,6 +201,10 @@ class Runtime(Frozen):
                                          "seed, init or optimiser knobs train together as one stacked model, one Ray "
                                          "task (a pack, sweeps/packs.py); a gang (resources.gpus >= 2, or 'auto' past "
                                          "one GPU) is never packed; 'off': one task per trial")
+    cuda_graph: bool = Field(False, description="a pack's training step (forward, backward, clip, AdamW) captured "
+                             "once as a CUDA graph and replayed: one launch a step instead of hundreds, for small "
+                             "models whose steps the CPU's launches pace (runners/training/graph.py); CUDA only, "
+                             "the same numbers as without")
     max_pack: int = Field(16, ge=1, description="most trials in one pack (also capped by GPU memory and work per kernel)")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="how a gang (resources.gpus >= 2) shares the model: "
                                              "'ddp' a full copy per rank, gradients all-reduced; 'fsdp' parameters, "

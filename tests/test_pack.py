@@ -191,3 +191,26 @@ def test_on_the_gpu_a_compiled_pack_matches_unpacked_runs_within_bf16_noise(data
         assert result.status == expected.status == names.FINISHED and "pack of 2" in result.numerics
         assert result.final_val_loss == pytest.approx(expected.final_val_loss, rel=0.02)
         assert result.branches[0].val_loss == pytest.approx(expected.branches[0].val_loss, rel=0.02)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by runners/bench/device/run.sh test:...)")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_on_the_gpu_a_pack_replayed_as_a_cuda_graph_takes_the_same_steps(data, tmp_path, compiled):
+    """runtime.cuda_graph: the same kernels on the same inputs, so the same curves as the pack launched kernel by
+    kernel (1e-4: the two runs' products may tile differently); through a WSD branch (its members restored from
+    their fork checkpoints into the graph's tensors) and a member that diverges (frozen inside the graph)."""
+    gpu = CPU.model_copy(update={"device": "cuda", "compile": compiled})
+    pack = [*trials(data)[:2], member_trial(data, lr=50.0, seed=3)]
+    runs = {}
+    for graphed in (False, True):
+        members = [member(t, tmp_path / f"{graphed}{i}") for i, t in enumerate(pack)]
+        results = run_pack(members, gpu.model_copy(update={"cuda_graph": graphed}), data=data)
+        runs[graphed] = results, members
+    (plain, plain_members), (graphed, graphed_members) = runs[False], runs[True]
+    assert "CUDA graph" in graphed[0].numerics and "CUDA graph" not in plain[0].numerics
+    assert [r.status for r in graphed] == [r.status for r in plain] == [names.FINISHED, names.FINISHED, names.DIVERGED]
+    assert graphed[2].diverged_at_tokens == plain[2].diverged_at_tokens
+    for result, expected, m, twin in zip(graphed[:2], plain[:2], graphed_members, plain_members):
+        assert result.final_val_loss == pytest.approx(expected.final_val_loss, rel=1e-4)
+        assert result.branches[0].val_loss == pytest.approx(expected.branches[0].val_loss, rel=1e-4)
+        assert m.sink.points[names.TRAIN_LOSS] == pytest.approx(twin.sink.points[names.TRAIN_LOSS], rel=1e-4)

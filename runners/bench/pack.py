@@ -1,16 +1,17 @@
 """Benchmark of packs (issue 19): K small models trained as one stacked model against one alone and K processes.
 
     python -m runners.bench.pack [--quick] [--members 4,16,32] [--d-model 64,128,256] [--steps N]
-        [--cudagraphs] [--mps] [--no-processes]
+        [--cudagraphs] [--graph] [--compile on|off] [--mps] [--no-processes] [--max-processes N]
 
 For each width and pack size K: tokens/s of one model alone (runners.bench.step's loop, the trainer's step),
 of K members in one pack (runners.training.pack's engine: stacked model, per-member AdamW, the trainer's
 update), and of K separate processes each running the single-model loop at once (started together after
 their warm-up; `--mps` runs them under an MPS daemon of this benchmark's own, started and stopped here).
 Every model sees 8,192-token batches (32 sequences of 256) and a 4,096-token vocabulary, compiled on CUDA
-(`--cudagraphs`: mode reduce-overhead, CUDA graphs, for the forward and backward). Each of the K processes
-compiles its own model (from the shared inductor cache after the first), so K above `--max-processes` (16)
-skips that comparison (how long a GPU call takes is not measured yet: one width per call is safest). Appends to
+(`--cudagraphs`: mode reduce-overhead, CUDA graphs, for the forward and backward; `--graph`: the pack's whole
+step as one CUDA graph, runtime.cuda_graph; `--compile off`: the pack eager). Each of the K processes compiles
+its own model (from the shared inductor cache after the first); K above `--max-processes` (16, the machine's
+CPU cores) is compared with that many at once, as a sweep would run those K trials in waves. Appends to
 results/benchmarks.jsonl, benchmark `pack`: `tokens_per_s` (all members together), `speedup_vs_single`,
 `speedup_vs_processes` (or `speedup_vs_mps`), and `mfu` (exact training FLOPs per token from
 models.accounting, over the device's bf16 dense peak). On CPU, `--quick` runs a tiny shape in fp32 in
@@ -34,6 +35,7 @@ import torch
 from models import ModelConfig, flops_per_token
 from runners.bench.log import LOG, append
 from runners.bench.step import Shape, time_step
+from runners.training.graph import WARMUP as GRAPH_WARMUP
 from runners.training.pack import PackedEngine
 from runners.training.step import peak_flops
 from sweeps.trial import DataConfig, Runtime, TrainConfig, TrialConfig
@@ -50,24 +52,24 @@ def model_config(d: int, quick: bool) -> ModelConfig:
 
 
 def time_pack(cfg: ModelConfig, k: int, seqs: int, device: torch.device, compiled: bool, mode: str | None,
-              steps: int, warmup: int) -> float:
-    """Tokens/s of all K members together, through the trainer's pack engine (members differ in lr and seed)."""
+              steps: int, warmup: int, graph: bool = False) -> float:
+    """Tokens/s of all K members together, through the trainer's pack engine (members differ in lr and seed;
+    `graph`: runtime.cuda_graph, its warm-up steps and capture inside the untimed warm-up)."""
     trials = [TrialConfig(model=cfg, data=DataConfig(), train=TrainConfig(tokens=1, batch_size=seqs * cfg.seq_len,
                                                                            lr=1e-4 * (1 + i), seed=i))
               for i in range(k)]
-    engine = PackedEngine(trials, Runtime(compile=compiled), device, compile_mode=mode)
+    engine = PackedEngine(trials, Runtime(compile=compiled, cuda_graph=graph), device, compile_mode=mode)
     tokens = torch.randint(0, cfg.vocab_size, (k, seqs, cfg.seq_len + 1), device=device)
     batch = [(tokens[..., :-1], tokens[..., 1:])]
     lrs = [t.train.lr for t in trials]
 
     def run(n: int) -> None:
         for _ in range(n):
-            engine.forward_backward(batch)
-            engine.update(lrs)
+            engine.train_step(batch, lrs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    run(warmup)
+    run(warmup + GRAPH_WARMUP if graph else warmup)
     started = time.perf_counter()
     run(steps)
     return k * steps * seqs * cfg.seq_len / (time.perf_counter() - started)
@@ -132,10 +134,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d-model", default=None, help="widths, comma-separated (default 64,128,256; quick 64)")
     parser.add_argument("--steps", type=int, help="timed steps (default 20, quick 2)")
     parser.add_argument("--cudagraphs", action="store_true", help="torch.compile mode reduce-overhead (CUDA graphs)")
+    parser.add_argument("--graph", action="store_true",
+                        help="the pack's whole step as one CUDA graph (runtime.cuda_graph; the processes as they are)")
+    parser.add_argument("--compile", choices=["on", "off"], default="on",
+                        help="torch.compile for the pack on CUDA (the single model and processes stay compiled)")
     parser.add_argument("--mps", action="store_true", help="the K processes under an MPS daemon (GPU)")
     parser.add_argument("--no-processes", action="store_true", help="skip the K-process comparison")
     parser.add_argument("--max-processes", type=int, default=16,
-                        help="skip the K-process comparison above this K (each process compiles its own model)")
+                        help="most processes at once: K trials above it run in waves of this many, as a sweep packed at "
+                        "a GPU share of 1/this would, so they go as fast as this many (16: one per CPU core of the "
+                        "H200 machine)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # a process of the K-process comparison
     parser.add_argument("--log", type=Path, default=LOG, help="the JSON-lines file to append to")
     args = parser.parse_args(argv)
@@ -152,30 +160,35 @@ def main(argv: list[str] | None = None) -> None:
     if min(members) < 1 or min(widths) < 8:
         parser.error("--members needs K >= 1 and --d-model widths >= 8")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if args.mps and device.type != "cuda":
-        parser.error("--mps needs a CUDA device")
+    if (args.mps or args.graph) and device.type != "cuda":
+        parser.error("--mps and --graph need a CUDA device")
     compiled = device.type == "cuda"
+    pack_compiled = compiled and args.compile == "on"
     seqs = QUICK["seqs"] if args.quick else SEQS
     peak = peak_flops(device)
     for d in widths:
         cfg = model_config(d, args.quick)
         single = time_step(Shape(cfg, seqs), device, compiled, args.steps, args.warmup, args.mode,
                            loss_chunk=Runtime().loss_chunk, bf16_residual=Runtime().bf16_residual)["tokens_per_s"]
+        by_count: dict[int, float] = {}  # tokens/s of n processes at once, measured once per width
         for k in members:
-            packed = time_pack(cfg, k, seqs, device, compiled, args.mode, args.steps, args.warmup)
+            packed = time_pack(cfg, k, seqs, device, pack_compiled, args.mode, args.steps, args.warmup, args.graph)
             config = {"d_model": d, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_ff": cfg.d_ff,
                       "seq_len": cfg.seq_len, "vocab": cfg.vocab_size, "members": k, "batch_tokens": seqs * cfg.seq_len,
-                      "compile": compiled and (args.mode or True), "steps": args.steps,
+                      "compile": pack_compiled and (args.mode or True), "cuda_graph": args.graph, "steps": args.steps,
                       "dtype": "bf16 autocast" if compiled else "fp32", "flops": "exact",
                       "single_tokens_per_s": round(single, 1)}
             figures = {"tokens_per_s": (packed, "tokens/s"), "speedup_vs_single": (packed / single, "x")}
             if peak:
                 figures["mfu"] = (flops_per_token(cfg).train_exact * packed / peak, "fraction of peak")
-            if not args.no_processes and k <= args.max_processes:
-                with MPS() if args.mps else contextlib.nullcontext(dict(os.environ)) as env:
-                    processes = time_processes(d, k, args, env)
-                config["processes_tokens_per_s"] = round(processes, 1)
-                figures["speedup_vs_mps" if args.mps else "speedup_vs_processes"] = (packed / processes, "x")
+            if not args.no_processes:
+                n = min(k, args.max_processes)
+                if n not in by_count:
+                    with MPS() if args.mps else contextlib.nullcontext(dict(os.environ)) as env:
+                        by_count[n] = time_processes(d, n, args, env)
+                config |= {"processes_at_once": n, "processes_tokens_per_s": round(by_count[n], 1),
+                           "processes_compile": compiled and (args.mode or True)}
+                figures["speedup_vs_mps" if args.mps else "speedup_vs_processes"] = (packed / by_count[n], "x")
             for metric, (value, unit) in figures.items():
                 append("pack", metric, round(value, 4), unit, config, args.log)
             print("pack", f"d{d} L{cfg.n_layers} K{k}", {m: round(v, 4) for m, (v, _) in figures.items()}, flush=True)

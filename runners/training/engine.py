@@ -22,9 +22,9 @@ class Engine(Protocol):
 
     def stack(self, batches: Sequence[Batch]) -> Batch: ...  # the members' batches as one input
 
-    def forward_backward(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
-
-    def update(self, lrs: Sequence[float]) -> None: ...  # clip, step at each member's lr, clear the gradients
+    # One optimizer step: forward and backward over the micro-batches, clip, update at each member's lr, clear the
+    # gradients. Returns each member's mean loss [K] and the router statistics, still on the device.
+    def train_step(self, micro_batches: list[Batch], lrs: Sequence[float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
     def evaluate(self, batches: list[Batch]) -> torch.Tensor: ...  # runners.training.step.evaluate's sums
 
@@ -57,12 +57,10 @@ class PlainEngine:
         (batch,) = batches
         return batch
 
-    def forward_backward(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def train_step(self, micro_batches: list[Batch], lrs: Sequence[float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, router = accumulate_grads(self.forward, micro_batches, self.device)
-        return loss.reshape(1), router
-
-    def update(self, lrs: Sequence[float]) -> None:
         apply_update(self.model, self.optimizer, lrs[0], self.train.grad_clip)
+        return loss.reshape(1), router
 
     def evaluate(self, batches: list[Batch]) -> torch.Tensor:
         return evaluate(self.forward, batches, self.device)

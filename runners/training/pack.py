@@ -23,6 +23,7 @@ from models import build_model
 from models.packed import PackedTransformer
 from runners.data.store import TokenData
 from runners.training import checkpoint
+from runners.training.graph import GraphedStep
 from runners.training.packed_optim import PackedAdamW
 from runners.training.result import TrialResult
 from runners.training.schedule import TrialSetupError
@@ -93,19 +94,31 @@ class PackedEngine:
         compiled = wants_compile(runtime, device)
         self.forward = torch.compile(self.model, mode=compile_mode) if compiled else self.model
         # SDPA attention (FlashAttention-4 takes no member axis yet)
-        self.numerics = f"{numerics(runtime, device, flash4=False)}, pack of {len(trials)}"
         self.optimizer = PackedAdamW(self.model, self.trains, compile=compiled)
+        graphed = runtime.cuda_graph and device.type == "cuda"
+        self.graphed = GraphedStep(self._step, self.optimizer.zero_grad, device) if graphed else None
+        self.numerics = (f"{numerics(runtime, device, flash4=False)}{', CUDA graph' if graphed else ''}, "
+                         f"pack of {len(trials)}")
 
     def stack(self, batches: Sequence[Batch]) -> Batch:
         return torch.stack([x for x, _ in batches]), torch.stack([y for _, y in batches])
 
-    def forward_backward(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return accumulate_grads(self.forward, micro_batches, self.device)
-
-    def update(self, lrs: Sequence[float]) -> None:
-        self.optimizer.clip_grads()
-        self.optimizer.step(torch.tensor(lrs, dtype=torch.float64, device=self.device))
+    def train_step(self, micro_batches: list[Batch], lrs: Sequence[float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # the lrs through pinned memory: a copy that does not wait for the GPU, so the CPU can run ahead
+        lr = torch.tensor(lrs, dtype=torch.float64, pin_memory=self.device.type == "cuda")
+        lr = lr.to(self.device, non_blocking=True)
+        if self.graphed is not None:
+            return self.graphed(micro_batches, lr)
+        out = self._step(micro_batches, lr)
         self.optimizer.zero_grad()
+        return out
+
+    def _step(self, micro_batches: list[Batch], lr: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward, backward, clip and update: what a CUDA graph captures (runners.training.graph)."""
+        out = accumulate_grads(self.forward, micro_batches, self.device)
+        self.optimizer.clip_grads()
+        self.optimizer.step(lr)
+        return out
 
     def evaluate(self, batches: list[Batch]) -> torch.Tensor:
         return evaluate(self.forward, batches, self.device)

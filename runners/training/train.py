@@ -181,8 +181,7 @@ class Trainer:
     def _train_step(self) -> None:
         branch = self.plan.branches[self.branch] if self.branch is not None else None
         lrs = [lr_at(m.trial.train.schedule, m.trial.train.lr, self.plan, self.step, branch) for m in self.members]
-        losses, self.router = self.engine.forward_backward(self._micro_batches(self.step))
-        self.engine.update(lrs)
+        losses, self.router = self.engine.train_step(self._micro_batches(self.step), lrs)
         self.step += 1
         self.unsynced.append(losses)
 

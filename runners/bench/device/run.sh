@@ -6,6 +6,7 @@
 #   run.sh bench                      runners.bench.moe_layer moe_layer, runners.bench.step dense_step moe_step
 #   run.sh bench:NAME                 runners.bench.step NAME only (dense_step or moe_step)
 #   run.sh step:ARG,ARG,...           runners.bench.step with these arguments, e.g. step:dense_step,--d-model,768,--profile
+#   run.sh "pack:ARGS"                runners.bench.pack with these arguments, space-separated, e.g. "pack:--graph --mps --d-model 64"
 #   run.sh multigpu:SPEC              SPEC on one GPU, then on all: wall time, speedup, per-GPU busy fraction
 #   run.sh packing:SPEC               SPEC on one GPU, a trial at a time, then packed at its share
 #   run.sh packing-mps:SPEC           the same, packed under NVIDIA MPS
@@ -42,6 +43,7 @@ for stage in "$@"; do
     bench) python -m runners.bench.moe_layer moe_layer && python -m runners.bench.step dense_step moe_step ;;
     bench:*) python -m runners.bench.step "${stage#bench:}" ;;
     step:*) args=${stage#step:}; python -m runners.bench.step ${args//,/ } ;;
+    pack:*) python -m runners.bench.pack ${stage#pack:} ;;
     test:*) args=${stage#test:}; python -m pytest -q -p no:cacheprovider -W ignore ${args//,/ } ;;
     multigpu:*|packing:*) python -m runners.bench.sweep "${stage%%:*}" "${stage#*:}" --util $work/gpu_util.csv ;;
     packing-mps:*) python -m runners.bench.sweep packing "${stage#*:}" --util $work/gpu_util.csv --mps ;;
