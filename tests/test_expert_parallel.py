@@ -30,7 +30,7 @@ from sweeps.trial import Resources, Runtime
 from tests.conftest import free_port
 from tests.helpers import tiny_spec
 from tests.test_moe import make_moe, tokens
-from tests.test_parallel import RTOL, STEPS, TRIAL_KW
+from tests.test_parallel import RTOL, STEPS, TRIAL_KW, run_job
 from tests.test_train import BATCH, DATA, MemorySink, make_trial
 
 WORLD = 2
@@ -136,14 +136,8 @@ def rank_main(rank: int, world: int, port: int, cache: str, root: str) -> None:
         layer_rank(rank, world, Path(root))
         data = prepare_data(DATA, Path(cache))
         for job, (parallel, stop_at, folder) in JOBS.items():
-            sink, branch = MemorySink(stop_at), MemorySink()
-            try:
-                result = run_trial(moe_trial(data), runtime(parallel), Path(root) / folder, sink, data=data,
-                                   branch_sinks=lambda _: branch)
-                final = [result.final_val_loss, result.branches[0].val_loss]
-            except KeyboardInterrupt:  # every rank's sink stops at the same point, as a cancelled gang would
-                final = None
-            (Path(root) / f"{job}.{rank}.json").write_text(json.dumps({"points": sink.points, "final": final}))
+            run_job(moe_trial(data), runtime(parallel), stop_at, Path(root) / folder, Path(root) / f"{job}.{rank}.json",
+                    data)
     finally:
         dist.destroy_process_group()
 

@@ -46,16 +46,20 @@ def rank_main(rank: int, world: int, port: int, cache: str, root: str) -> None:
     try:
         data = prepare_data(DATA, Path(cache))
         for job, (parallel, stop_at) in JOBS.items():
-            sink, branch = MemorySink(stop_at), MemorySink()
-            try:
-                result = run_trial(two_layers(data), runtime(parallel), Path(root) / job, sink, data=data,
-                                   branch_sinks=lambda _: branch)
-                final = [result.final_val_loss, result.branches[0].val_loss]
-            except KeyboardInterrupt:  # every rank's sink stops at the same point, as a cancelled gang would
-                final = None
-            (Path(root) / f"{job}.{rank}.json").write_text(json.dumps({"points": sink.points, "final": final}))
+            run_job(two_layers(data), runtime(parallel), stop_at, Path(root) / job, Path(root) / f"{job}.{rank}.json", data)
     finally:
         dist.destroy_process_group()
+
+
+def run_job(trial, runtime: Runtime, stop_at: int | None, workdir: Path, out: Path, data) -> None:
+    """One rank's run_trial of a job: its points and final losses (None when its sink stopped it) to `out`."""
+    sink, branch = MemorySink(stop_at), MemorySink()
+    try:
+        result = run_trial(trial, runtime, workdir, sink, data=data, branch_sinks=lambda _: branch)
+        final = [result.final_val_loss, result.branches[0].val_loss]
+    except KeyboardInterrupt:  # every rank's sink stops at the same point, as a cancelled gang would
+        final = None
+    out.write_text(json.dumps({"points": sink.points, "final": final}))
 
 
 @pytest.fixture(scope="module")
