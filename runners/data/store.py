@@ -143,14 +143,25 @@ class TokenData:
 
         A trainer with S sequences per step and micro-batches of m passes first_window = step * S + j * m
         for micro-batch j, so the batch depends on the step and seed alone."""
+        tokens = self.gather(self.train_windows(first_window, n_seqs, seq_len, seed), seq_len)
+        return np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:])
+
+    def train_windows(self, first_window: int, n_seqs: int, seq_len: int, seed: int) -> np.ndarray:
+        """Which windows train_batch reads, in order ([n_seqs] int64): the run's positions through its seed's
+        shuffled epochs."""
         n = self.n_windows(seq_len)
         epoch, position = np.divmod(first_window + np.arange(n_seqs), n)
         windows = np.empty(n_seqs, dtype=np.int64)
         for e in np.unique(epoch):
             at = epoch == e
             windows[at] = _permutation(n, seed, int(e))[position[at]]
-        tokens = self.train[windows[:, None] * (seq_len + 1) + np.arange(seq_len + 1)].astype(np.int64)
-        return np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:])
+        return windows
+
+    def gather(self, windows: np.ndarray, seq_len: int) -> np.ndarray:
+        """The tokens of training windows (any shape of indices) as int64 [..., seq_len + 1]; a corpus cut by
+        with_unique_tokens reads its windows where the whole one has them, so one gather serves a pack whose
+        members repeat different amounts."""
+        return self.train[windows[..., None] * (seq_len + 1) + np.arange(seq_len + 1)].astype(np.int64)
 
     def epochs(self, tokens_seen: int, seq_len: int) -> float:
         """Passes over the unique training tokens: tokens_seen over the input tokens of all windows."""
@@ -169,9 +180,10 @@ class TokenData:
             yield x[start:start + n_seqs], y[start:start + n_seqs]
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=256)  # every member of a pack, each its own seed, across an epoch's turn
 def _permutation(n_windows: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed % 2**64, epoch]).permutation(n_windows)
+    """The window order of one seed's epoch, int32 (0.4 MB per 100K windows)."""
+    return np.random.default_rng([seed % 2**64, epoch]).permutation(n_windows).astype(np.int32)
 
 
 def prepare_data(cfg: DataConfig, cache_dir: Path | None = None) -> TokenData:

@@ -374,13 +374,17 @@ class Trainer:
 
     def _micro_batches(self, step: int) -> list[Batch]:
         """Each member's batch of the step (a function of step and its seed alone; on a group, this rank's share
-        of it), as one input cut into micro-batches along the sequences."""
+        of it), as one input cut into micro-batches along the sequences. All members' windows are read in one
+        gather and go to the device in one copy: per member, a pack of 64 spent more time here than on its step."""
         plan = self.plan
         first, count = parallel.rank_slice(plan.seqs_per_step, self.group)  # this rank's share of the batch
-        x, y = self.engine.stack([
-            self._to_device(*data.train_batch(step * plan.seqs_per_step + first, count, self.seq_len,
-                                              member.trial.train.seed))
-            for member, data in zip(self.members, self.train_data)])
+        windows = np.stack([data.train_windows(step * plan.seqs_per_step + first, count, self.seq_len,
+                                               member.trial.train.seed)
+                            for member, data in zip(self.members, self.train_data)])
+        tokens = torch.from_numpy(self.data.gather(windows, self.seq_len))  # [members, count, seq_len + 1]
+        if self.device.type == "cuda":
+            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
+        x, y = self.engine.stack([(t[:, :-1], t[:, 1:]) for t in tokens])
         return list(zip(x.split(plan.micro_seqs, dim=-2), y.split(plan.micro_seqs, dim=-2)))
 
     def _end_step(self) -> int:
