@@ -38,6 +38,9 @@ class GraphedStep:
 
     def __call__(self, micro_batches: list[Batch], lr: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.calls += 1
+        # contiguous from the first call on: the capture's inputs must look to torch.compile's guards (strides
+        # included) as the warm-up's did, or it would compile again inside the capture
+        micro_batches = [(x.contiguous(), y.contiguous()) for x, y in micro_batches]
         if self.calls <= WARMUP:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
