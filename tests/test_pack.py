@@ -194,12 +194,13 @@ def test_on_the_gpu_a_compiled_pack_matches_unpacked_runs_within_bf16_noise(data
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by runners/bench/device/run.sh test:...)")
-@pytest.mark.parametrize("compiled", [False, True])
-def test_on_the_gpu_a_pack_replayed_as_a_cuda_graph_takes_the_same_steps(data, tmp_path, compiled):
+@pytest.mark.parametrize("compiled, micro", [(False, None), (True, 4)])
+def test_on_the_gpu_a_pack_replayed_as_a_cuda_graph_takes_the_same_steps(data, tmp_path, compiled, micro):
     """runtime.cuda_graph: the same kernels on the same inputs, so the same curves as the pack launched kernel by
     kernel (1e-4: the two runs' products may tile differently); through a WSD branch (its members restored from
-    their fork checkpoints into the graph's tensors) and a member that diverges (frozen inside the graph)."""
-    gpu = CPU.model_copy(update={"device": "cuda", "compile": compiled})
+    their fork checkpoints into the graph's tensors) and a member that diverges (frozen inside the graph); eager
+    with whole batches, and compiled with two micro-batches a step."""
+    gpu = CPU.model_copy(update={"device": "cuda", "compile": compiled, "micro_batch_size": micro})
     pack = [*trials(data)[:2], member_trial(data, lr=50.0, seed=3)]
     runs = {}
     for graphed in (False, True):
