@@ -13,9 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from runners.data import store as data_module
 from runners.data.corpus import read_documents, stdlib_files
+from runners.data.resident import TrainTokens
 from runners.data.store import DataError, TokenData, content_hash, prepare_data, split_hash, vocab_size_of
 from runners.data.tokenize import END_OF_DOCUMENT, ByteTokenizer, load_tokenizer_file, train_bpe
 from sweeps.trial import DataConfig
@@ -294,6 +296,30 @@ def test_train_batches_are_shifted_windows_each_epoch_a_permutation():
     assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(100)) and epochs[0] != epochs[1]
     other_seed = data.train_batch(0, n_seqs, seq_len, seed=4)[0][:, 0] // (seq_len + 1)
     assert list(other_seed) != starts[:n_seqs]
+
+
+def test_resident_tokens_give_the_batches_the_host_gathers(byte_data):
+    """runners.data.resident: the gather on the device's copy of the tokens reads exactly TokenData.gather's
+    tokens, for a pack whose members repeat different amounts (windows of their own cut corpora)."""
+    seq_len = 16
+    members = [byte_data, byte_data.with_unique_tokens(5 * seq_len, seq_len)]
+    windows = np.stack([m.train_windows(first_window=7, n_seqs=9, seq_len=seq_len, seed=s)
+                        for s, m in enumerate(members)])
+    host, resident = (TrainTokens(byte_data, torch.device("cpu"), resident=r) for r in (False, True))
+    assert host.tokens is None and resident.tokens is not None
+    expected = torch.from_numpy(byte_data.gather(windows, seq_len))
+    for gathered in (host.batch(windows, seq_len), resident.batch(windows, seq_len)):
+        assert gathered.dtype == torch.int64 and torch.equal(gathered, expected)
+    assert windows[1].max() < 5  # the cut member read only its first five windows
+    assert TrainTokens(byte_data, torch.device("cpu")).tokens is None  # on a CPU the memory map serves
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by runners/bench/device/run.sh)")
+def test_resident_tokens_on_the_gpu(byte_data):
+    windows = byte_data.train_windows(first_window=3, n_seqs=8, seq_len=16, seed=1)
+    on_gpu = TrainTokens(byte_data, torch.device("cuda"))
+    assert on_gpu.tokens is not None  # a small corpus is held on the GPU by default
+    assert torch.equal(on_gpu.batch(windows, 16).cpu(), torch.from_numpy(byte_data.gather(windows, 16)))
 
 
 def test_train_batches_depend_on_position_and_seed_alone(byte_data, tmp_path):

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from models import flops_per_token
+from runners.data.resident import TrainTokens
 from runners.data.store import TokenData
 from runners.tracking import names
 from runners.tracking.interrupts import check_interrupt, deferred_interrupts
@@ -96,6 +97,7 @@ class Trainer:
         self.data = data  # its validation set and bytes per token are every member's
         # Each member's training tokens: a pack's members may differ in data.unique_tokens (sweeps.packs).
         self.train_data = [data.with_unique_tokens(m.trial.data.unique_tokens, first.model.seq_len) for m in members]
+        self.train_tokens = TrainTokens(data, device)  # one gather serves them all (TokenData.gather)
         self.plan: Plan = plan_trial(first, runtime, group.world)
         self.seq_len = first.model.seq_len
         self.checkpoint_every_s = runtime.checkpoint_every_s
@@ -375,15 +377,13 @@ class Trainer:
     def _micro_batches(self, step: int) -> list[Batch]:
         """Each member's batch of the step (a function of step and its seed alone; on a group, this rank's share
         of it), as one input cut into micro-batches along the sequences. All members' windows are read in one
-        gather and go to the device in one copy: per member, a pack of 64 spent more time here than on its step."""
+        gather (on the GPU where the tokens are resident: runners.data.resident)."""
         plan = self.plan
         first, count = parallel.rank_slice(plan.seqs_per_step, self.group)  # this rank's share of the batch
         windows = np.stack([data.train_windows(step * plan.seqs_per_step + first, count, self.seq_len,
                                                member.trial.train.seed)
                             for member, data in zip(self.members, self.train_data)])
-        tokens = torch.from_numpy(self.data.gather(windows, self.seq_len))  # [members, count, seq_len + 1]
-        if self.device.type == "cuda":
-            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
+        tokens = self.train_tokens.batch(windows, self.seq_len)  # [members, count, seq_len + 1]
         x, y = self.engine.stack([(t[:, :-1], t[:, 1:]) for t in tokens])
         return list(zip(x.split(plan.micro_seqs, dim=-2), y.split(plan.micro_seqs, dim=-2)))
 
