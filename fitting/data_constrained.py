@@ -23,6 +23,7 @@ import torch
 from fitting import laws
 from fitting.bootstrap import intervals, replicate_weights
 from fitting.errors import FitInputError
+from fitting.identify import not_identified
 from fitting.parametric import (MIN_POINTS, POLISH_FTOL, POLISH_GTOL, SEARCH_FTOL, SEARCH_ITER, Form,
                                 _best, _bootstrap, _distinct_optima, _r2, fit_parametric, huber_objective, lbfgs,
                                 torch_dtype)
@@ -30,6 +31,7 @@ from fitting.table import check, data_hash, flops_per_param_token, groups, param
 
 FITS = ("joint", "two-stage")
 R_STARTS = (2.0, 8.0, 32.0)  # starts of R_D* and R_N*, crossed: the paper's 15.4 and 5.3 lie inside
+R_VISIBLE = 10.0  # an R* above this many times the points' largest repetition leaves under 5% trace in them
 COLUMNS = ("N", "D", "unique_tokens", "loss")
 
 
@@ -162,26 +164,35 @@ def fit_data_constrained(points: pd.DataFrame, *, fit: str = "joint", delta: flo
         "diagnostics": {"objective": float(best_f[0]), "rmse_log": float(np.sqrt(np.mean(residuals ** 2))),
                         "r2": _r2(log_loss.numpy(), residuals), "max_epochs": float((used["D"] / used["unique_tokens"]).max())},
         "flops_per_param_token": flops_per_param_token(used),
-        "not_identified": _not_identified(used, params),
     }
     if boot is not None:
         section["bootstrap"] = boot
         section["ci"] = intervals({k: np.array(v) for k, v in boot["samples"].items()}, estimates=params)
-        for name in section["not_identified"]:
-            section["ci"][name] = None  # the replicates only echo their start: no interval to give
+    section["not_identified"] = _not_identified(used, params, section["ci"], section["diagnostics"]["r2"])
+    for name in section["not_identified"]:
+        section["ci"][name] = None  # the replicates only echo their start or the bound: no interval to give
     return section
 
 
-def _not_identified(points: pd.DataFrame, params: dict) -> dict[str, str]:
-    """The R* the points cannot determine, and why: the law only reads R_D* off repeated data and R_N* off
-    models larger than compute-optimal for their unique tokens."""
-    out = {}
-    if not (points["D"] > points["unique_tokens"]).any():
-        out["R_D_star"] = "no point repeats its data (D > unique_tokens): the law cannot tell what repetition costs"
+def _not_identified(points: pd.DataFrame, params: dict, ci: dict, r2: float) -> dict[str, str]:
+    """What the points cannot determine, and why: the offset and exponents as for every parametric law
+    (fitting/identify.py), and the R*, which the law only reads off repeated data (R_D*) and models larger than
+    compute-optimal for their unique tokens (R_N*), and only up to a few times the most repetition the points
+    reach: beyond R_VISIBLE times that, (1 - exp(-R / R*)) R* differs from R by under 5% and no point can tell."""
+    out = not_identified(params, ci, points, r2)
     u_n = laws.optimal_params_for_data(points["unique_tokens"].to_numpy(float), **{k: params[k] for k in ("A", "B", "alpha", "beta")})
-    if not (points["N"].to_numpy(float) > u_n).any():
-        out["R_N_star"] = ("no point has more parameters than compute-optimal for its unique tokens: the law cannot "
-                           "tell what excess parameters are worth")
+    excess = {"R_D_star": float((points["D"] / points["unique_tokens"] - 1).max()),
+              "R_N_star": float((points["N"].to_numpy(float) / u_n - 1).max())}
+    what = {"R_D_star": ("no point repeats its data (D > unique_tokens): the law cannot tell what repetition costs",
+                         "epochs past the first"),
+            "R_N_star": ("no point has more parameters than compute-optimal for its unique tokens: the law cannot "
+                         "tell what excess parameters are worth", "excess parameters over compute-optimal")}
+    for k, (none, unit) in what.items():
+        if excess[k] <= 0:
+            out[k] = none
+        elif params[k] > R_VISIBLE * excess[k]:
+            out[k] = (f"fitted {params[k]:.3g}, beyond {R_VISIBLE:g}x the most {unit} the points reach "
+                      f"({excess[k]:.3g}): they show no decay, only that it is slower than that")
     return out
 
 

@@ -46,6 +46,22 @@ def test_r_stars_without_the_data_that_shows_them_are_not_identified():
         fit_law(points[points["D"] > points["unique_tokens"]], "data_constrained", fit="two-stage")
 
 
+def test_an_r_star_far_beyond_the_repetition_in_the_points_is_not_identified():
+    """Excess parameters that keep their full worth (R_N* = 1e6, 5,000 times the most excess the grid has):
+    the points bound R_N* from below only, so it gets no number; R_D*, which they show, keeps its own."""
+    points = repeated_points(seed=2)
+    truth = {**TRUTH, "R_N_star": 1e6}
+    rng = np.random.default_rng(2)
+    points["loss"] = laws.data_constrained(points["N"], points["D"], points["unique_tokens"], **truth) * (
+        1 + 0.005 * rng.standard_normal(len(points)))
+    section = fit_law(points, "data_constrained", grid=ONE_START, bootstrap=5)
+    assert set(section["not_identified"]) == {"R_N_star"}, section["not_identified"]
+    assert "show no decay" in section["not_identified"]["R_N_star"] and section["ci"]["R_N_star"] is None
+    assert section["params"]["R_D_star"] == pytest.approx(15.4, rel=0.2)
+    floorless = points.assign(loss=points["loss"] - TRUTH["E"])  # no irreducible loss: E runs to its bound
+    assert "E" in fit_law(floorless, "data_constrained", grid=ONE_START)["not_identified"]
+
+
 def test_optimum_under_a_data_budget_matches_a_direct_minimisation():
     C, k = 1e21, 6.0
     unlimited = laws.optimal_allocation(C, **{n: TRUTH[n] for n in laws.PARAMS["chinchilla"]})
