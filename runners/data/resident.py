@@ -3,7 +3,7 @@
 A step's batch is a function of its window numbers (runners.data.store): gathered on the host, every step copies
 its tokens (8 bytes each) through a freshly pinned buffer, and for a pack of 64 small members that took longer than
 the step itself. With the tokens resident, only the window numbers cross (8 bytes a sequence) and the gather is one
-indexing kernel. The tokens are the same either way (tests/test_resident.py).
+indexing kernel. The tokens are the same either way (tests/test_data.py).
 """
 
 from __future__ import annotations
