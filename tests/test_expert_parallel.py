@@ -1,7 +1,7 @@
 """runtime.expert_parallel on two gloo processes (torch.multiprocessing, real process group and all-to-all).
 
 The sharded MoE layer gives the unsharded layer's outputs and gradients (input, router, shared expert, and the
-expert weights gathered from the ranks) to 1e-5 in fp32: with capacity dropping, and with every token routed to
+expert weights gathered from the ranks) to 1e-5 in fp32 (of each entry, or of its tensor's largest): with capacity dropping, and with every token routed to
 one rank's experts (the other rank gets and sends nothing). A 2-rank trial with its experts sharded, under DDP and
 under FSDP, gives the single process's train and validation curves to 1e-5 relative, resuming from its DCP
 checkpoint on the same 2 ranks or on 1 process. The validation lines name the field and the fix."""
@@ -75,6 +75,12 @@ def layer_rank(rank: int, world: int, root: Path) -> None:
         torch.save(grads(layer, x[share], probe[share]), root / f"{name}.{rank}.pt")
 
 
+def assert_close(got: torch.Tensor, want: torch.Tensor, msg: str) -> None:
+    """RTOL of each entry, or of the tensor's largest entry: a gradient summed over tokens in another order (the
+    ranks' and gloo's) moves its small entries by fp32 rounding of the large ones (measured: 1.7e-6 on 20)."""
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=max(1e-6, RTOL * float(want.abs().max())), msg=msg)
+
+
 @pytest.mark.parametrize("name", LAYERS)
 def test_the_sharded_layer_gives_the_unsharded_outputs_and_gradients(gang, name):
     """Reference: the unsharded layer on each rank's share of the same global batch (as data parallelism routes
@@ -85,14 +91,11 @@ def test_the_sharded_layer_gives_the_unsharded_outputs_and_gradients(gang, name)
     # is one tensor each, accumulated over both halves: the global batch's gradient, read from the last
     assert [h["dropped"] for h in halves] == [r["dropped"] for r in ranks]
     for key in ("y", "x"):  # each rank's rows
-        torch.testing.assert_close(torch.cat([r[key] for r in ranks]), torch.cat([h[key] for h in halves]),
-                                   rtol=RTOL, atol=1e-6, msg=f"{name}: {key}")
+        assert_close(torch.cat([r[key] for r in ranks]), torch.cat([h[key] for h in halves]), f"{name}: {key}")
     for key in ("w_gate_up", "w_down"):  # each rank's experts
-        torch.testing.assert_close(torch.cat([r[key] for r in ranks]), halves[1][key], rtol=RTOL, atol=1e-6,
-                                   msg=f"{name}: {key}")
+        assert_close(torch.cat([r[key] for r in ranks]), halves[1][key], f"{name}: {key}")
     for key in ("router.weight", "shared"):  # data-parallel: each rank's share, summed (and averaged) by the wrapper
-        torch.testing.assert_close(sum(r[key] for r in ranks), halves[1][key], rtol=RTOL, atol=1e-6,
-                                   msg=f"{name}: {key}")
+        assert_close(sum(r[key] for r in ranks), halves[1][key], f"{name}: {key}")
     if name == "capacity":
         assert all(0 < h["dropped"] < 1 for h in halves)  # capacity did drop assignments
     else:
