@@ -117,12 +117,15 @@ def test_wsd_branches_equal_standalone_runs_of_their_length(data, tmp_path, wsd_
     assert result.final_val_loss < min(b.val_loss for b in result.branches)
 
 
-@pytest.mark.parametrize("where", ["main stable phase, Ctrl-C", "branch, crash"])
+@pytest.mark.parametrize("where", ["main stable phase, Ctrl-C", "branch, Ctrl-C", "branch, crash"])
 def test_resume_gives_the_uninterrupted_result(data, tmp_path, wsd_reference, where):
     reference = wsd_reference[0]
     trial = make_trial(data, 100, **WSD)
     if where.startswith("main"):  # KeyboardInterrupt: the trainer checkpoints, then re-raises
         sink, branch_sinks, runtime, stop = MemorySink(stop_at=50 * BATCH), None, CPU, KeyboardInterrupt
+    elif where.endswith("Ctrl-C"):  # no checkpoint since the fork, kept in memory: the interrupt writes it
+        branch_sinks = {40 * BATCH: MemorySink(), 70 * BATCH: MemorySink(stop_at=63 * BATCH)}
+        sink, runtime, stop = None, CPU, KeyboardInterrupt
     else:  # any other failure: the trial resumes from its latest periodic checkpoint
         branch_sinks = {40 * BATCH: MemorySink(), 70 * BATCH: MemorySink(stop_at=63 * BATCH, stop=RuntimeError)}
         sink, runtime, stop = None, CPU.model_copy(update={"checkpoint_every_s": 1e-9}), RuntimeError

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.utils._pytree import tree_map
 
 from runners.training.parallel import Group
 from runners.training.schedule import TrialSetupError
@@ -42,9 +43,27 @@ LEGACY = {LATEST: "checkpoint.pt", FORK: "fork.pt"}  # single-process files from
 def save(workdir: Path, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          progress: dict[str, Any], group: Group) -> None:
     """Every rank writes its part of a new folder; then rank 0 points `<name>.json` at it and drops the old one."""
+    save_state(workdir, name, _state(model, optimizer), progress, group)
+
+
+def capture(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What `save` would write, copied to host memory now (one process: a DTensor shard stays with `save`): a
+    WSD fork kept in memory, written by `save_state` only if a checkpoint inside its branch needs it."""
+    return tree_map(lambda t: t.detach().to("cpu", copy=True) if isinstance(t, torch.Tensor) else t,
+                    _state(model, optimizer))
+
+
+def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Model, optimizer and RNGs back to a `capture`d (or loaded) state, in place."""
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    _restore_rng(state["rng"])
+
+
+def save_state(workdir: Path, name: str, state: dict[str, Any], progress: dict[str, Any], group: Group) -> None:
+    """`save` of a state already taken (`capture`)."""
     folder = f"{name}-{group.gather(uuid.uuid4().hex)[0]}"  # rank 0's name, on every rank
     with _one_process(group):
-        dcp.save(_state(model, optimizer), checkpoint_id=workdir / FOLDERS / folder, no_dist=group.world == 1)
+        dcp.save(state, checkpoint_id=workdir / FOLDERS / folder, no_dist=group.world == 1)
     if group.main:
         pointer = workdir / f"{name}.json"
         old = json.loads(pointer.read_text())["folder"] if pointer.exists() else None
@@ -69,8 +88,7 @@ def load(workdir: Path, name: str, model: torch.nn.Module, optimizer: torch.opti
         state = _state(model, optimizer)
         with _one_process(group):
             dcp.load(state, checkpoint_id=workdir / FOLDERS / saved["folder"], no_dist=group.world == 1)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        _restore_rng(state["rng"])
+        restore(state, model, optimizer)
         return saved["progress"]
     legacy = workdir / LEGACY[name]
     if not legacy.exists():

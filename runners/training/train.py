@@ -1,9 +1,11 @@
 """Train one trial: the main run, its WSD decay branches, evaluations, checkpoints and divergence.
 
 The timeline is one sequence of optimizer steps. A WSD branch shares the main run's steps up to its
-fork, so when the main run reaches a fork it saves its state (checkpoint FORK), trains the branch from
+fork, so when the main run reaches a fork it keeps its state (checkpoint FORK), trains the branch from
 there to the branch's end under the branch's decay, evaluates it (a final point of its own), then
-reloads the fork state and carries on. Training batches depend only on the step and the seed, so a
+takes the fork state back and carries on. On one process the fork is kept in host memory and written
+to disk only when a checkpoint inside the branch needs it (a pack's short branch then costs no disk
+writes); a group of ranks writes it at once. Training batches depend only on the step and the seed, so a
 branch sees exactly the data of a standalone run of its length, and a resumed trial the data it
 would have seen.
 
@@ -110,6 +112,10 @@ class Trainer:
         # Progress of the timeline, saved in each member's checkpoints.
         self.step = 0
         self.branch: int | None = None  # index into plan.branches while training that branch
+        # The fork of that branch held in host memory (one process): member index -> (state, progress), and
+        # whether it is on disk yet.
+        self.forks: dict[int, tuple[dict, dict]] = {}
+        self.forks_written = False
         # This attempt only.
         self.unsynced: list[torch.Tensor] = []  # each step's losses, one per member
         self.router: dict[str, torch.Tensor] = {}
@@ -196,12 +202,16 @@ class Trainer:
     # --- phases ---------------------------------------------------------------------------------
 
     def _fork(self, index: int) -> None:
+        # No LATEST here: a kill inside the branch before its first checkpoint resumes the main run before
+        # the fork and comes back to it.
         self._flush()
         with self._aside("checkpoint"):
             for i, _ in self.active:
-                self._checkpoint(i, checkpoint.FORK)
+                if self.group.world == 1:
+                    self.forks[i] = checkpoint.capture(*self.engine.member(i)), self._progress(i)
+                else:
+                    self._checkpoint(i, checkpoint.FORK)
         self.branch = index
-        self._save()
 
     def _end_branch(self) -> None:
         branch = self.plan.branches[self.branch]
@@ -216,8 +226,16 @@ class Trainer:
             for i, member in self.active:
                 # The fork's state holds the divergence tracker too: the branch's decayed, lower losses must
                 # not become the minimum that the main run's losses are held against.
-                self._load(i, checkpoint.FORK)
+                if i in self.forks:
+                    state, progress = self.forks[i]
+                    model, optimizer = self.engine.member(i)
+                    checkpoint.restore(state, model, optimizer)
+                    self.engine.set_member(i, model, optimizer)
+                    self._take_progress(i, progress)
+                else:  # resumed inside the branch: its fork is on disk
+                    self._load(i, checkpoint.FORK)
                 member.branches_done = done[i]
+        self.forks = {}
         self._save()
 
     def _evaluate_main(self) -> None:
@@ -326,26 +344,34 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------
 
-    def _checkpoint(self, i: int, name: str) -> None:
+    def _progress(self, i: int) -> dict:
         member = self.members[i]
-        progress = {"step": self.step, "branch": self.branch, "branches_done": member.branches_done,
-                    "loss_min": member.loss_min, "pending": member.pending, "final_val": member.final_val}
-        checkpoint.save(member.workdir, name, *self.engine.member(i), progress, self.group)
+        return {"step": self.step, "branch": self.branch, "branches_done": member.branches_done,
+                "loss_min": member.loss_min, "pending": member.pending, "final_val": member.final_val}
+
+    def _checkpoint(self, i: int, name: str) -> None:
+        checkpoint.save(self.members[i].workdir, name, *self.engine.member(i), self._progress(i), self.group)
 
     def _save(self) -> None:
         self._sync()  # the losses reach the host: the end of the steps' own time
         with self._aside("checkpoint"):
             for i, member in self.active:
                 make_durable(member.sinks())
+                if i in self.forks and not self.forks_written:  # LATEST inside the branch needs its fork on disk
+                    checkpoint.save_state(member.workdir, checkpoint.FORK, *self.forks[i], self.group)
                 self._checkpoint(i, checkpoint.LATEST)
+            self.forks_written = bool(self.forks)
         self.last_checkpoint = time.monotonic()
 
     def _load(self, i: int, name: str) -> None:
-        """Member i from its checkpoint `name` (there is one); the first member loaded sets the timeline's step
-        and phase."""
+        """Member i from its checkpoint `name` (there is one)."""
         model, optimizer = self.engine.member(i)
         progress = checkpoint.load(self.members[i].workdir, name, model, optimizer, self.group, self.device)
         self.engine.set_member(i, model, optimizer)
+        self._take_progress(i, progress)
+
+    def _take_progress(self, i: int, progress: dict) -> None:
+        """Member i's part of a checkpoint's progress; the first member's sets the timeline's step and phase."""
         member = self.members[i]
         if i != self.active[0][0] and (progress["step"], progress["branch"]) != (self.step, self.branch):
             raise ValueError(f"{member.workdir}: checkpoint at step {progress['step']}, branch {progress['branch']}, "
