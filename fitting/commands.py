@@ -98,7 +98,7 @@ def cmd_fit(args) -> int:
         if args.law == "power":
             options.update(x=args.x, offset=not args.no_offset)
         if args.law == "data_constrained":
-            options.update(delta=args.huber_delta, fit=args.fit_stages)
+            options.update(delta=args.huber_delta, fit=args.fit_stages, holdout_above=args.holdout_above)
         doc = lawfile.document({args.law: fit_law(points, args.law, **options)}, conventions=conv, meta=meta)
     from fitting.export import write_law_files
 

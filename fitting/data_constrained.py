@@ -25,8 +25,8 @@ from fitting.bootstrap import intervals, replicate_weights
 from fitting.errors import FitInputError
 from fitting.identify import not_identified
 from fitting.parametric import (MIN_POINTS, POLISH_FTOL, POLISH_GTOL, SEARCH_FTOL, SEARCH_ITER, Form,
-                                _best, _bootstrap, _distinct_optima, _r2, fit_parametric, huber_objective, lbfgs,
-                                torch_dtype)
+                                _best, _bootstrap, _distinct_optima, _r2, extrapolation, fit_parametric,
+                                huber_objective, lbfgs, split_holdout, torch_dtype)
 from fitting.table import check, data_hash, flops_per_param_token, groups, parametric_rows
 
 FITS = ("joint", "two-stage")
@@ -109,9 +109,11 @@ def _unrepeated(single: pd.DataFrame, delta: float, grid: dict | None) -> pd.Dat
 
 def fit_data_constrained(points: pd.DataFrame, *, fit: str = "joint", delta: float = 1e-3, bootstrap: int = 0,
                          resample: str = "points", seed: int = 0, final_only: bool = True,
-                         grid: dict[str, tuple[float, ...]] | None = None) -> dict:
+                         grid: dict[str, tuple[float, ...]] | None = None, holdout_above: float | None = None) -> dict:
     """Fit the data-constrained law to a points table with N, D, unique_tokens and loss; its law-file section.
-    grid: starts of the chinchilla fit the joint fit starts from (the base law of the two-stage fit)."""
+    grid: starts of the chinchilla fit the joint fit starts from (the base law of the two-stage fit).
+    holdout_above: fit on the points with C at most this and report how it predicts the rest (the section's
+    extrapolation, as fitting.parametric's)."""
     if fit not in FITS:
         raise FitInputError(f"--fit-stages {fit!r} is not one of {', '.join(FITS)}")
     used, left_out = parametric_rows(points) if final_only else (points, {})
@@ -119,6 +121,9 @@ def fit_data_constrained(points: pd.DataFrame, *, fit: str = "joint", delta: flo
         raise FitInputError("the data_constrained law needs a 'unique_tokens' column (distinct training tokens of "
                             "each point's trial); sweeps with data.unique_tokens, or re-exported ones, have it")
     check(used, COLUMNS)
+    held = None
+    if holdout_above is not None:
+        held, used = split_holdout(used, holdout_above)
     if len(used) < MIN_POINTS["chinchilla"] + 2:
         raise FitInputError(f"law data_constrained needs at least {MIN_POINTS['chinchilla'] + 2} points, the table "
                             f"has {len(used)} usable")
@@ -155,7 +160,7 @@ def fit_data_constrained(points: pd.DataFrame, *, fit: str = "joint", delta: flo
         "method": {"name": "huber-log-lbfgs", "objective": "sum of Huber(log prediction - log loss)",
                    "reference": "Muennighoff et al. 2023, Scaling Data-Constrained Language Models",
                    "options": {"fit": fit, "huber_delta": delta, "R_starts": list(R_STARTS), "resample": resample,
-                               "seed": seed, "final_only": final_only}},
+                               "seed": seed, "final_only": final_only, "holdout_above": holdout_above}},
         "n_points": len(used),
         "n_single_epoch": len(single),
         "n_base": len(base_rows),  # points of the chinchilla fit it started from (two-stage: its first stage)
@@ -171,6 +176,8 @@ def fit_data_constrained(points: pd.DataFrame, *, fit: str = "joint", delta: flo
     section["not_identified"] = _not_identified(used, params, section["ci"], section["diagnostics"]["r2"])
     for name in section["not_identified"]:
         section["ci"][name] = None  # the replicates only echo their start or the bound: no interval to give
+    if held is not None:
+        section["extrapolation"] = extrapolation(section, held, holdout_above, used)
     return section
 
 

@@ -85,7 +85,7 @@ def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: st
             delta: float = 1e-3) -> Fitted:
     """chinchilla (dense rows), moe (when E varies), envelope (curves with C), isoflop (budgets), hparams
     (when lr or batch_size vary), data_constrained (dense rows, when some final point repeats its data),
-    and the extrapolation backtest of chinchilla and moe on the largest budget.
+    and the extrapolation backtest of chinchilla, moe and data_constrained on the largest budget.
     The loss laws see each cell's best run when hyperparameters vary; the hparams laws see every run."""
     fitted = Fitted()
     options = {"bootstrap": bootstrap, "seed": seed, "resample": resample}
@@ -108,6 +108,8 @@ def fit_all(points: pd.DataFrame, *, bootstrap: int, seed: int = 0, resample: st
                 _holdout_largest_budget(fitted, law, rows, partial(surface, law, rows))
     if _repeats_data(dense):
         _try(fitted, "data_constrained", lambda: surface("data_constrained", dense))
+        if "data_constrained" in fitted.sections and "C" in points.columns and points["C"].notna().all():
+            _holdout_largest_budget(fitted, "data_constrained", dense, partial(surface, "data_constrained", dense))
     if "budget" in points.columns and points["budget"].notna().any():
         _try(fitted, "isoflop", lambda: _fit("isoflop", tuned[tuned["budget"].notna()], options))
     if _varies(points, "lr") or _varies(points, "batch_size"):

@@ -8,7 +8,8 @@
   "data_hash": the main law's data hash, "meta": what the caller passed (sweep, corpus hash, ...),
   "laws": {name: section}, every law fitted: params, ci, method and options, n_points, left_out,
           data_hash, diagnostics, bootstrap (replicates, converged, samples), derived figures, and
-          "extrapolation" (chinchilla and moe exported over 3+ budgets, or any law fitted with --holdout-above):
+          "extrapolation" (chinchilla, moe and data_constrained exported over 3+ budgets, or any law fitted with
+          --holdout-above):
           the same law refitted below the largest budget and scored on it (fitting/parametric.py): holdout_above,
           n_held_out, mean_abs_relative_error, max_abs_relative_error, rms_relative_error, mean_relative_error
           (signed, predicted / actual - 1), fitted_max_C, held_out_max_C, factor (their ratio), points,
@@ -248,8 +249,10 @@ class Law:
         for k, v in out.items():
             result[k] = v
             result[f"{k}_ci"] = interval(spread[k], estimate=v) if spread is not None else None
-        return result | {"loss_ci_total": None, "systematic_rel": None, "not_identified": section.get("not_identified", {}),
-                         "loss_ci_total_method": "the data_constrained law has no extrapolation backtest"}
+        s, method = systematic("data_constrained", section, C)
+        total = None if s is None else widened(result["loss"], result["loss_ci"], s)
+        return result | {"loss_ci_total": total, "systematic_rel": s, "not_identified": section.get("not_identified", {}),
+                         "loss_ci_total_method": method}
 
     def inference_optimal(self, L: float, T: float, E=1) -> dict:
         """The model that reaches loss L with the least training (k N D) plus inference ((k/3) N T) FLOPs, beside

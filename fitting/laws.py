@@ -110,11 +110,16 @@ def compute_for_loss(L, *, E, A, B, alpha, beta, flops_per_param_token: float = 
 SURFACES = ("moe", "chinchilla", "kaplan")  # laws that give L(N, D[, E]); a law file's loss uses the first it has
 
 
-def surface_loss(law: str, params: dict, N, D, E_experts=1.0):
-    """L(N, D, E) of a chinchilla, kaplan or moe law; params may hold arrays (one entry per bootstrap replicate)."""
+def surface_loss(law: str, params: dict, N, D, E_experts=1.0, U=None):
+    """L(N, D, E) of a chinchilla, kaplan or moe law, or L(N, D, U) of a data_constrained one (U: unique tokens);
+    params may hold arrays (one entry per bootstrap replicate)."""
     N, D, E_experts = (np.asarray(v, float) for v in (N, D, E_experts))
     if law == "moe":
         return moe(N, D, E_experts, **{k: params[k] for k in PARAMS["moe"]})
+    if law == "data_constrained":
+        if U is None:
+            raise FitInputError("the data_constrained law needs the unique tokens U of each point")
+        return data_constrained(N, D, np.asarray(U, float), **{k: params[k] for k in PARAMS["data_constrained"]})
     if np.any(E_experts != 1):
         raise FitInputError(f"the {law} law has no experts term; give E = 1 or fit --law moe")
     if law == "chinchilla":

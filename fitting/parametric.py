@@ -285,11 +285,7 @@ def fit_parametric(points: pd.DataFrame, law: str = "chinchilla", *, delta: floa
     check(used, columns)
     held = None
     if holdout_above is not None:
-        check(used, ("C",))
-        held, used = used[used["C"] > holdout_above], used[used["C"] <= holdout_above]
-        if held.empty:
-            raise FitInputError(f"--holdout-above {holdout_above:g} leaves no point above it; the largest C is "
-                                f"{used['C'].max():.3g}")
+        held, used = split_holdout(used, holdout_above)
     if law == "power":
         require_spread(used, x, law)
     else:
@@ -351,6 +347,15 @@ def fit_parametric(points: pd.DataFrame, law: str = "chinchilla", *, delta: floa
     return section
 
 
+def split_holdout(points: pd.DataFrame, above: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(held out, fitted): the points with C above `above`, and the rest."""
+    check(points, ("C",))
+    held, used = points[points["C"] > above], points[points["C"] <= above]
+    if held.empty:
+        raise FitInputError(f"--holdout-above {above:g} leaves no point above it; the largest C is {used['C'].max():.3g}")
+    return held, used
+
+
 def _derived(section: dict, experts: np.ndarray) -> tuple[dict, dict]:
     """a = beta/(alpha+beta) and b = alpha/(alpha+beta) (N_opt ~ C^a, D_opt ~ C^b); for moe also the efficiency
     gain at each expert count E > 1: dense compute / MoE compute for the same loss, each compute-optimal.
@@ -373,10 +378,11 @@ def extrapolation(section: dict, held: pd.DataFrame, above: float, fitted: pd.Da
     factor = largest held-out C / largest fitted C (the compute points reached, not the budget of their trial:
     a trial's intermediate and branch points sit at a fraction of its budget)."""
     E = held["E"].to_numpy(float) if "E" in held.columns and section["law"] == "moe" else 1.0
+    U = held["unique_tokens"].to_numpy(float) if section["law"] == "data_constrained" else None
     N, D = held["N"].to_numpy(float), held["D"].to_numpy(float)
-    predicted = laws.surface_loss(section["law"], section["params"], N, D, E)
+    predicted = laws.surface_loss(section["law"], section["params"], N, D, E, U)
     samples = section.get("bootstrap", {}).get("samples")
-    spread = (laws.surface_loss(section["law"], {k: np.asarray(v)[:, None] for k, v in samples.items()}, N, D, E)
+    spread = (laws.surface_loss(section["law"], {k: np.asarray(v)[:, None] for k, v in samples.items()}, N, D, E, U)
               if samples else None)
     rows = []
     for i, actual in enumerate(held["loss"].to_numpy(float)):

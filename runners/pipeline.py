@@ -184,9 +184,9 @@ def print_caveats(spec: SweepSpec, planned: list[PlannedTrial]) -> None:
 
 def print_plan(spec: SweepSpec, table: pd.DataFrame) -> None:
     """The plan at the terminal's width (runners/planview.py), packs first; `--format csv` has every column."""
-    tasks = (f"{table.pack.nunique()} Ray tasks" if spec.search is None
-             else "trials asked K at a time in a pack")
-    console.print(plan_view(f"sweep {spec.name}: {len(table)} trials in {tasks}", table, console.width))
+    title = (f"{len(table)} trials in {table.pack.nunique()} Ray tasks" if spec.search is None
+             else f"{len(table)} scales searched (trials asked together train as a pack where they share a shape)")
+    console.print(plan_view(f"sweep {spec.name}: {title}", table, console.width))
     if (table.pack_size > 1).any():
         console.print("K: trials in a pack, trained as one model in one Ray task (runtime.pack, max_pack).")
     if spec.search is not None:

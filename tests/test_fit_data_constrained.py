@@ -10,6 +10,7 @@ from scipy.optimize import minimize_scalar
 from fitting import fit_law, laws
 from fitting.data_constrained import optimal_under_data
 from fitting.errors import FitInputError
+from fitting.lawfile import Law, conventions, document
 from runners.bench.fit import MUENNIGHOFF, data_constrained_coverage, repeated_points
 
 TRUTH = MUENNIGHOFF
@@ -74,3 +75,21 @@ def test_optimum_under_a_data_budget_matches_a_direct_minimisation():
         assert got["loss_lost"] == pytest.approx(direct.fun - unlimited["loss"], rel=1e-6) and got["loss_lost"] > 0
     plenty = optimal_under_data(TRUTH, C, 1e16)  # far more unique tokens than the optimum trains on
     assert plenty["N_opt"] == pytest.approx(unlimited["N_opt"], rel=1e-3) and plenty["loss_lost"] == pytest.approx(0, abs=1e-9)
+
+
+def test_the_backtest_scores_the_largest_computes_and_widens_the_optimum_under_a_data_budget():
+    """Fitted below C = 1e20 and scored on the points above it: on data drawn from the law itself (0.5% noise) the
+    held-out error is at the noise level, where a chinchilla law of the same points, blind to repetition, misses
+    by more; the optimum under a unique-token budget then widens its loss interval by that error."""
+    points = repeated_points(seed=3)
+    section = fit_law(points, "data_constrained", grid=ONE_START, bootstrap=20, holdout_above=1e20)
+    x = section["extrapolation"]
+    assert x["n_held_out"] == (points["C"] > 1e20).sum() > 5 and x["fitted_max_C"] <= 1e20 < x["held_out_max_C"]
+    assert 0.001 < x["rms_relative_error"] < 0.015, x["rms_relative_error"]
+    blind = fit_law(points, "chinchilla", holdout_above=1e20)["extrapolation"]
+    assert blind["rms_relative_error"] > 2 * x["rms_relative_error"], blind["rms_relative_error"]
+    law = Law(document({"data_constrained": section}, conventions=conventions(params="active", flops="6N"), meta={}))
+    opt = law.optimal(1e21, unique_tokens=1e9)
+    boot, total = opt["loss_ci"], opt["loss_ci_total"]
+    assert total[0] < boot[0] <= opt["loss"] <= boot[1] < total[1]
+    assert opt["systematic_rel"] >= x["rms_relative_error"] and "backtest" in opt["loss_ci_total_method"]
