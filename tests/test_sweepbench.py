@@ -1,4 +1,5 @@
-"""The sweep benchmarks' busy fraction, read from nvidia-smi's own CSV format."""
+"""The sweep benchmarks: busy fraction from nvidia-smi's own CSV format; windows, FLOPs and time shares of real
+sweeps; a packed sweep against its unpacked twin (pack_sweep)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,22 @@ def test_trial_runs_reads_each_trials_window_and_flops_from_a_real_sweep(tmp_pat
     assert runs.total.notna().all() and (runs.total <= runs.end - runs.start + 1.0).all()
     shares = time_shares(runs)
     assert min(shares.values()) >= 0 and shares["train"] > 0 and sum(shares.values()) == pytest.approx(1.0)
+    # the same trials one task each, in the same store: pack_sweep's twin, and its figures from the two windows
+    import json
+
+    from runners.bench import pack_sweep
+
+    (tmp_path / "twin").mkdir()  # its own checkpoints: the twins' trial ids are the same
+    twin = tiny_spec(tmp_path / "twin", name="stats_unpacked", train={"lr": [3e-3, 1e-2]}, runtime={"pack": "off"})
+    assert main(["run", str(twin), "--no-fit"]) == 0
+    mlflow.set_tracking_uri(sqlite_uri)
+    unpacked = trial_runs("stats_unpacked")
+    assert unpacked.task.nunique() == len(unpacked) == len(runs)
+    log = tmp_path / "bench.jsonl"
+    pack_sweep.main([str(spec), str(twin), "--log", str(log)])
+    (line,) = [json.loads(s) for s in log.read_text().splitlines()]  # no GPU peak here: speedup_wall alone
+    windows = [r.end.max() - r.start.min() for r in (runs, unpacked)]
+    assert line["metric"] == "speedup_wall" and line["value"] == pytest.approx(windows[1] / windows[0], abs=1e-4)
+    assert line["config"]["trials"] == len(runs)
+    with pytest.raises(SystemExit, match="not twins"):
+        pack_sweep.compare(runs, unpacked.iloc[1:], gpus=1, peak=None)

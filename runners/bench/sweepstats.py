@@ -62,7 +62,7 @@ def trial_runs(sweep: str) -> pd.DataFrame:
         "start": runs.start_time.map(_seconds), "end": runs.end_time.map(_seconds),
         "first_step": first_step, "flops": runs[f"params.{names.PARAM_FLOPS_EXACT}"].astype(float),
         "mfu": runs.get(f"metrics.{names.MFU}", pd.Series(dtype=float)),
-        "task": runs.get(f"tags.{names.TAG_PACK}", pd.Series(None, index=runs.index)).fillna(runs.run_id),
+        "task": runs.get(f"tags.{names.TAG_PACK}", pd.Series(None, index=runs.index)).astype(object).fillna(runs.run_id),
         **phases,
     })
 

@@ -11,6 +11,7 @@
 #   run.sh packing:SPEC               SPEC on one GPU, a trial at a time, then packed at its share
 #   run.sh packing-mps:SPEC           the same, packed under NVIDIA MPS
 #   run.sh sweep:SPEC                 scaling run SPEC (Ray + MLflow, all GPUs), its export, its GPU use (sweepstats)
+#   run.sh pack_sweep:PACKED,UNPACKED both sweeps trained (as sweep: but no export), then runners.bench.pack_sweep
 #   run.sh test:PATH,PATH,...         pytest on these (the GPU-only tests: models.swiglu's and models.flash4's kernels)
 #   run.sh stash-fa4                  keep .fa4/a's piece of FlashAttention-4 on the machine for the next call
 # DEADLINE (seconds from the start, default 540) stops a sweep's training with Ctrl-C; its finished trials
@@ -51,6 +52,12 @@ for stage in "$@"; do
     sweep:*) timeout --signal=INT $((DEADLINE - (SECONDS - start))) python -m runners.cli run "${stage#sweep:}" --no-fit
              python -m runners.cli export "${stage#sweep:}"
              python -m runners.bench.sweepstats "${stage#sweep:}" --util $work/gpu_util.csv ;;
+    pack_sweep:*) specs=${stage#pack_sweep:}
+             for spec in ${specs//,/ }; do
+               timeout --signal=INT $((DEADLINE - (SECONDS - start))) python -m runners.cli run "$spec" --no-fit
+               python -m runners.bench.sweepstats "$spec" --util $work/gpu_util.csv
+             done
+             python -m runners.bench.pack_sweep ${specs//,/ } ;;
     *) echo "unknown stage $stage"; false ;;
   esac 2>&1 | tee -a "$OUT/log.txt" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
