@@ -35,6 +35,7 @@ import torch
 from models import ModelConfig, flops_per_token
 from runners.bench.log import LOG, append
 from runners.bench.step import Shape, time_step
+from runners.bench.sweep import mps_daemon
 from runners.training.graph import WARMUP as GRAPH_WARMUP
 from runners.training.pack import PackedEngine
 from runners.training.step import peak_flops
@@ -114,19 +115,6 @@ def worker(d: int, args: argparse.Namespace) -> None:
     print(json.dumps(span), flush=True)
 
 
-class MPS:
-    """An MPS control daemon of this benchmark's own (its pipe and log folders), stopped on exit."""
-
-    def __enter__(self) -> dict[str, str]:
-        folder = tempfile.mkdtemp(prefix="mps-")
-        self.env = os.environ | {"CUDA_MPS_PIPE_DIRECTORY": folder, "CUDA_MPS_LOG_DIRECTORY": folder}
-        subprocess.run(["nvidia-cuda-mps-control", "-d"], env=self.env, check=True)
-        return self.env
-
-    def __exit__(self, *exc) -> None:
-        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env=self.env, check=False)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny shape, K 2, few steps (a check that it runs)")
@@ -184,8 +172,8 @@ def main(argv: list[str] | None = None) -> None:
             if not args.no_processes:
                 n = min(k, args.max_processes)
                 if n not in by_count:
-                    with MPS() if args.mps else contextlib.nullcontext(dict(os.environ)) as env:
-                        by_count[n] = time_processes(d, n, args, env)
+                    with mps_daemon(Path(tempfile.mkdtemp(prefix="mps-"))) if args.mps else contextlib.nullcontext({}) as mps:
+                        by_count[n] = time_processes(d, n, args, os.environ | mps)
                 config |= {"processes_at_once": n, "processes_tokens_per_s": round(by_count[n], 1),
                            "processes_compile": compiled and (args.mode or True)}
                 figures["speedup_vs_mps" if args.mps else "speedup_vs_processes"] = (packed / by_count[n], "x")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from runners.bench.log import LOG, append, device
-from runners.bench.sweepstats import trial_runs
+from runners.bench.sweepstats import trial_runs, under_mps
 from runners.training.step import peak_of
 from sweeps.spec import load_spec
 
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     packed = specs["packed"]
     config = {"packed": str(args.packed), "unpacked": str(args.unpacked), "trials": len(runs["packed"]), "gpus": gpus,
               "share": packed.resources.gpus, "cuda_graph": packed.runtime.cuda_graph, "compile": packed.runtime.compile,
+              "mps": under_mps(),
               "flops": "exact", "packed_window_s": round(figures["packed_window_s"], 1),
               "unpacked_window_s": round(figures["unpacked_window_s"], 1)}
     for metric, unit, how in (("speedup_wall", "x", "window time unpacked over packed"),

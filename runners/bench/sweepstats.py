@@ -18,6 +18,7 @@ run.sh calls it after every sweep stage; --on and --at name the device and commi
 from __future__ import annotations
 
 import argparse
+import os
 from datetime import timezone
 from pathlib import Path
 
@@ -38,6 +39,11 @@ def busy_fraction(util_csv: Path, window: tuple[float, float]) -> dict[int, floa
     table["util"] = table.util.str.rstrip(" %").astype(float) / 100
     inside = table[(table.t >= window[0]) & (table.t <= window[1])]
     return {int(g): round(float(u), 3) for g, u in inside.groupby("gpu").util.mean().items()}
+
+
+def under_mps() -> bool:
+    """Whether this process (and so the sweep it ran after, in run.sh) sees an NVIDIA MPS daemon (MPS=1)."""
+    return "CUDA_MPS_PIPE_DIRECTORY" in os.environ
 
 
 def _seconds(t: pd.Timestamp) -> float:
@@ -95,7 +101,7 @@ def main() -> None:
     if peak is None:
         raise SystemExit(f"--on {on!r}: no bf16 peak known for it (runners.training.step.PEAK_BF16_FLOPS)")
     config = {"spec": str(args.spec), "trials": len(runs), "gpus": gpus, "share": spec.resources.gpus,
-              "compile": spec.runtime.compile, "wall_s": round(wall, 1), "flops_exact": float(runs.flops.sum()),
+              "compile": spec.runtime.compile, "mps": under_mps(), "wall_s": round(wall, 1), "flops_exact": float(runs.flops.sum()),
               "note": "window: first trial submitted to last trial ended, from MLflow run times"}
     figures = [
         ("wall_s", wall, "s", {}),

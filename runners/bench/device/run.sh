@@ -14,6 +14,8 @@
 #   run.sh pack_sweep:PACKED,UNPACKED both sweeps trained (as sweep: but no export), then runners.bench.pack_sweep
 #   run.sh test:PATH,PATH,...         pytest on these (the GPU-only tests: models.swiglu's and models.flash4's kernels)
 #   run.sh stash-fa4                  keep .fa4/a's piece of FlashAttention-4 on the machine for the next call
+# MPS=1 runs every stage under an NVIDIA MPS daemon of the call's own (kernels of separate processes, such as a
+# sweep's packs, then share the GPU's SMs at once instead of taking turns); the sweep figures say mps: true.
 # DEADLINE (seconds from the start, default 540) stops a sweep's training with Ctrl-C; its finished trials
 # stay finished in the MLflow store, are exported, and the next call resumes the rest.
 # Carry [".gpu", ".data"]: .gpu/site.tar.xz from runners/bench/device/build-bundle.sh; .data holds the corpus
@@ -35,6 +37,10 @@ work=/tmp/device-run; mkdir -p $work
 [ -f .data/mlflow.db ] && cp .data/mlflow.db $work/mlflow.db   # the store a previous call brought back
 export MLFLOW_TRACKING_URI=sqlite:///$work/mlflow.db SCALING_CACHE=$PWD/.data/cache PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee $work/gpus.txt
+if [ "${MPS:-0}" = 1 ]; then
+  export CUDA_MPS_PIPE_DIRECTORY=$work/mps-pipe CUDA_MPS_LOG_DIRECTORY=$work/mps-log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d
+fi
 nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv,noheader -lms 1000 > $work/gpu_util.csv &
 monitor=$!
 status=0
@@ -65,4 +71,5 @@ for stage in "$@"; do
   tar -cf - results -C $work -T $work/packed.txt | xz -T0 -6 > "$OUT/run.tar.xz.part" && mv "$OUT/run.tar.xz.part" "$OUT/run.tar.xz"
 done
 kill $monitor
+[ "${MPS:-0}" = 1 ] && echo quit | nvidia-cuda-mps-control
 exit $status
