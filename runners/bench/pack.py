@@ -1,7 +1,7 @@
 """Benchmark of packs (issue 19): K small models trained as one stacked model against one alone and K processes.
 
     python -m runners.bench.pack [--quick] [--members 4,16,32] [--d-model 64,128,256] [--steps N]
-        [--cudagraphs] [--graph] [--compile on|off] [--mps] [--no-processes] [--max-processes N]
+        [--cudagraphs] [--graph] [--compile on|off] [--mps] [--no-processes] [--max-processes N] [--profile]
 
 For each width and pack size K: tokens/s of one model alone (runners.bench.step's loop, the trainer's step),
 of K members in one pack (runners.training.pack's engine: stacked model, per-member AdamW, the trainer's
@@ -34,7 +34,7 @@ import torch
 
 from models import ModelConfig, flops_per_token
 from runners.bench.log import LOG, append
-from runners.bench.step import Shape, time_step
+from runners.bench.step import Shape, gpu_time_by_kind, time_step
 from runners.bench.sweep import mps_daemon
 from runners.training.graph import WARMUP as GRAPH_WARMUP
 from runners.training.pack import PackedEngine
@@ -53,9 +53,10 @@ def model_config(d: int, quick: bool) -> ModelConfig:
 
 
 def time_pack(cfg: ModelConfig, k: int, seqs: int, device: torch.device, compiled: bool, mode: str | None,
-              steps: int, warmup: int, graph: bool = False) -> float:
+              steps: int, warmup: int, graph: bool = False, profile: bool = False) -> float:
     """Tokens/s of all K members together, through the trainer's pack engine (members differ in lr and seed;
-    `graph`: runtime.cuda_graph, its warm-up steps and capture inside the untimed warm-up)."""
+    `graph`: runtime.cuda_graph, its warm-up steps and capture inside the untimed warm-up; `profile`: then
+    prints where the GPU time of three more steps went, as runners.bench.step does)."""
     trials = [TrialConfig(model=cfg, data=DataConfig(), train=TrainConfig(tokens=1, batch_size=seqs * cfg.seq_len,
                                                                            lr=1e-4 * (1 + i), seed=i))
               for i in range(k)]
@@ -73,7 +74,12 @@ def time_pack(cfg: ModelConfig, k: int, seqs: int, device: torch.device, compile
     run(warmup + GRAPH_WARMUP if graph else warmup)
     started = time.perf_counter()
     run(steps)
-    return k * steps * seqs * cfg.seq_len / (time.perf_counter() - started)
+    tokens_per_s = k * steps * seqs * cfg.seq_len / (time.perf_counter() - started)
+    if profile and device.type == "cuda":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run(3)
+        print(f"pack d{cfg.d_model} K{k}: {gpu_time_by_kind(prof.key_averages())}", flush=True)
+    return tokens_per_s
 
 
 def time_processes(d: int, k: int, args: argparse.Namespace, env: dict[str, str]) -> float:
@@ -127,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", choices=["on", "off"], default="on",
                         help="torch.compile for the pack on CUDA (the single model and processes stay compiled)")
     parser.add_argument("--mps", action="store_true", help="the K processes under an MPS daemon (GPU)")
+    parser.add_argument("--profile", action="store_true", help="print where a pack step's GPU time went (GPU)")
     parser.add_argument("--no-processes", action="store_true", help="skip the K-process comparison")
     parser.add_argument("--max-processes", type=int, default=16,
                         help="most processes at once: K trials above it run in waves of this many, as a sweep packed at "
@@ -160,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
                            loss_chunk=Runtime().loss_chunk, bf16_residual=Runtime().bf16_residual)["tokens_per_s"]
         by_count: dict[int, float] = {}  # tokens/s of n processes at once, measured once per width
         for k in members:
-            packed = time_pack(cfg, k, seqs, device, pack_compiled, args.mode, args.steps, args.warmup, args.graph)
+            packed = time_pack(cfg, k, seqs, device, pack_compiled, args.mode, args.steps, args.warmup, args.graph,
+                               args.profile)
             config = {"d_model": d, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_ff": cfg.d_ff,
                       "seq_len": cfg.seq_len, "vocab": cfg.vocab_size, "members": k, "batch_tokens": seqs * cfg.seq_len,
                       "compile": pack_compiled and (args.mode or True), "cuda_graph": args.graph, "steps": args.steps,
