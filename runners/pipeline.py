@@ -100,11 +100,10 @@ def _plan_gpu_memory(spec: SweepSpec) -> int | None:
 
 
 def plan_peak_flops(spec: SweepSpec) -> float | None:
-    """One GPU's bf16 peak for the plan's time target (gpus 'auto' with max_hours): declared, else this
-    machine's GPU's; None without either (the plan then sizes gangs by memory alone; the run asks its GPUs)."""
+    """One GPU's bf16 peak for the plan's estimates and time target (gpus 'auto' with max_hours): declared
+    (resources.peak_tflops: a GPU sweep planned on a laptop), else this machine's GPU's; None without either (the
+    plan then estimates CPU time and sizes gangs by memory alone; the run asks its GPUs)."""
     r = spec.resources
-    if r.gpus != "auto" or not r.max_hours:
-        return None
     if r.peak_tflops:
         return r.peak_tflops * 1e12
     if _device(spec) != "cuda":
@@ -191,19 +190,21 @@ def print_plan(spec: SweepSpec, table: pd.DataFrame) -> None:
         console.print("K: trials in a pack, trained as one model in one Ray task (runtime.pack, max_pack).")
     if spec.search is not None:
         console.print(f"search: {spec.search.trials} Optuna trials per row ({spec.search.sampler}, pruner "
-                      f"{spec.search.pruner}); estimates count them all")
-    r = spec.resources
+                      f"{spec.search.pruner}); totals and estimates count them all")
+    r, peak = spec.resources, plan_peak_flops(spec)
     if r.gpus == "auto" and r.max_hours:
-        peak = plan_peak_flops(spec)
         console.print(f"GPUs: the fewest (a power of two{f', at most {r.max_gpus}' if r.max_gpus else ''}) that hold "
                       f"a trial and train it within max_hours {r.max_hours:g}, est. time at {r.assumed_mfu:g} MFU of "
                       f"{peak / 1e12:.3g} TFLOP/s a GPU (x{GANG_EFFICIENCY:g} in a gang)" if peak else
                       "GPUs: from memory alone here: no GPU and no resources.peak_tflops for the max_hours target "
                       "(the run reads the peak from its GPUs' name)")
-    cpus = spec.resources.cpus
-    console.print(f"total: {table.flops_6N.sum():.3g} FLOPs (6N), {table.flops_exact.sum():.3g} FLOPs (exact); "
-                  f"about {table.est_seconds.sum() / 60:.1f} trial-minutes at {cpus:g} CPU(s) a trial, "
-                  "divided by how many run at once. N = active non-embedding parameters.")
+    duration = (f"about {table.est_seconds.sum() / 3600:.2g} GPU-hours at {r.assumed_mfu:g} MFU of "
+                f"{peak / 1e12:.3g} TFLOP/s (resources.assumed_mfu)" if peak else
+                f"about {table.est_seconds.sum() / 60:.1f} trial-minutes at {r.cpus:g} CPU(s) a trial, divided by "
+                "how many run at once")
+    trials = spec.search.trials if spec.search is not None else 1  # a search row stands for that many trials
+    console.print(f"total: {trials * table.flops_6N.sum():.3g} FLOPs (6N), {trials * table.flops_exact.sum():.3g} "
+                  f"FLOPs (exact); {duration}. N = active non-embedding parameters.")
 
 
 def export(spec: SweepSpec, runs: SweepRuns) -> Path:

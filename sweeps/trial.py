@@ -150,7 +150,8 @@ class Resources(Frozen):
                                "49-50% at 110M parameters (d768) in the trainer and the step benchmark, 45% at 34M, "
                                "33% at 7M; 0.4 leaves room for evaluations, checkpoints and compile")
     peak_tflops: float | None = Field(None, gt=0.0, description="one GPU's dense bf16 peak in TFLOP/s for the "
-                                      "time target; None = from the GPU's name (runners.training.step.PEAK_BF16_FLOPS)")
+                                      "time target and the plan's estimates (at assumed_mfu); None = from the GPU's "
+                                      "name (runners.training.step.PEAK_BF16_FLOPS)")
 
     @field_validator("max_gpus")
     @classmethod

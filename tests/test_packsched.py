@@ -99,3 +99,25 @@ def test_plan_shows_packs_in_80_columns_and_in_the_csv(tmp_path, monkeypatch):
     assert "12 trials in 4 Ray tasks" in text and "…" not in text  # nothing cut to fit
     assert all(len(line) <= 80 for line in text.splitlines())
     assert all(name in text for name in table.name)  # each trial named by what it is (its id is in the CSV)
+
+
+def test_a_gpu_sweep_planned_without_its_gpu_is_estimated_from_the_declared_peak(tmp_path, monkeypatch):
+    """resources.peak_tflops with assumed_mfu: the plan's total is GPU-hours of the exact FLOPs at that rate,
+    not CPU minutes; a search's total counts every Optuna trial its rows stand for."""
+    resources = {"gpus": 0.25, "peak_tflops": 1.0, "assumed_mfu": 0.5}  # 0.5e12 FLOP/s
+    path = tiny_spec(tmp_path, resources=resources)
+    spec = load_spec(path)
+    table = pipeline.plan_table(spec, pipeline.plan(spec))
+    assert table.est_seconds.sum() == pytest.approx(table.flops_exact.sum() / 0.5e12)
+    screen = Console(width=200, record=True)
+    monkeypatch.setattr(pipeline, "console", screen)
+    assert main(["plan", str(path)]) == 0
+    assert f"about {table.est_seconds.sum() / 3600:.2g} GPU-hours at 0.5 MFU of 1 TFLOP/s" in screen.export_text()
+
+    search = tiny_spec(tmp_path, name="searched", resources=resources,
+                       search={"method": "optuna", "trials": 5, "lr": [1e-3, 1e-2]})
+    rows = pipeline.plan_table(load_spec(search), pipeline.plan(load_spec(search)))
+    screen = Console(width=200, record=True)
+    monkeypatch.setattr(pipeline, "console", screen)
+    assert main(["plan", str(search)]) == 0
+    assert f"{5 * rows.flops_exact.sum():.3g} FLOPs (exact)" in screen.export_text()
