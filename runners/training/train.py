@@ -232,7 +232,7 @@ class Trainer:
                     checkpoint.restore(state, model, optimizer)
                     self.engine.set_member(i, model, optimizer)
                     self._take_progress(i, progress)
-                else:  # resumed inside the branch: its fork is on disk
+                else:  # on disk: a group of ranks wrote it, or this attempt resumed inside the branch
                     self._load(i, checkpoint.FORK)
                 member.branches_done = done[i]
         self.forks = {}
