@@ -67,19 +67,21 @@ class PackedAdamW:
         """One update at each member's lr ([K]); frozen members keep parameters and state."""
         self.step_count += self.active.double()
         steps = self.step_count.clamp(min=1)  # a member frozen before its first step: any value, masked below
+        # The per-member factors [K], each computed in float64 and rounded to fp32 once, as torch's scalars are,
+        # and once a step rather than once a parameter: on a GPU each of these is a kernel of its own.
         step_size = (lr / (1 - self.beta1 ** steps)).float()
         bias2_sqrt = (1 - self.beta2 ** steps).sqrt().float()
-        b1, b2 = self.beta1, self.beta2  # float64 [K]; each factor below is rounded to fp32 once, as torch's scalars are
+        shrink = {True: (1 - lr * self.weight_decay).float(), False: torch.ones_like(step_size)}
+        one_minus_b1, b2, one_minus_b2 = (1 - self.beta1).float(), self.beta2.float(), (1 - self.beta2).float()
         for name, p in self.params.items():
             shape = (-1,) + (1,) * (p.dim() - 1)
             active = self.active.view(shape)
             g, m, v = p.grad, self.exp_avg[name], self.exp_avg_sq[name]
-            shrink = (1 - lr * self.weight_decay if self.decayed[name] else torch.ones_like(lr)).float()
-            m_new = m.lerp(g, (1 - b1).float().view(shape))
+            m_new = m.lerp(g, one_minus_b1.view(shape))
             # addcmul as torch's v.mul_(b2).addcmul_(g, g, value=1 - b2): its kernel rounds as this one does
-            v_new = torch.addcmul(v * b2.float().view(shape), (1 - b2).float().view(shape) * g, g)
+            v_new = torch.addcmul(v * b2.view(shape), one_minus_b2.view(shape) * g, g)
             denom = (v_new.sqrt() / bias2_sqrt.view(shape)).add_(EPS)
-            p_new = p * shrink.view(shape) - step_size.view(shape) * m_new / denom
+            p_new = p * shrink[self.decayed[name]].view(shape) - step_size.view(shape) * m_new / denom
             p.copy_(torch.where(active, p_new, p))
             m.copy_(torch.where(active, m_new, m))
             v.copy_(torch.where(active, v_new, v))
