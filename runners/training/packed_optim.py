@@ -1,11 +1,14 @@
 """AdamW for a pack: every member its own lr, betas, weight decay, gradient clip and step count.
 
 The update is torch.optim.AdamW's (decoupled weight decay, bias corrections from each member's own step
-count), written over the stacked parameters [K, ...] with the per-member values as [K] tensors broadcast
-along the member axis: one set of tensor ops per parameter, none per member. Which parameters decay is
-make_optimizer's rule (runners.training.step.decays), applied to the plain names the stacked parameters
-keep. A member whose `active` entry is False (diverged, pruned, or done) is frozen: its parameters and its
-optimizer state stay as they are.
+count), written over all the stacked parameters at once, flattened side by side into one [K, P] tensor, with the
+per-member values as [K, 1] tensors broadcast along it: one set of tensor ops a step, none per parameter or
+member (on a GPU without torch.compile each op is a kernel: a loop over a 4-layer model's 27 parameters took
+about 20 a parameter). The moments live in that flat layout ([K, P], exp_avg and exp_avg_sq give each
+parameter's view of them). Which parameters decay is make_optimizer's rule (runners.training.step.decays),
+applied to the plain names the stacked parameters keep, as a [P] mask. A member whose `active` entry is False
+(diverged, pruned, or done) is frozen: its parameters and its optimizer state stay as they are. The flat
+copies of parameters and gradients a step makes come after the backward pass has freed its activations.
 
 Members go in and out as make_optimizer's plain torch.optim.AdamW (`member`, `load_plain`) or its state dicts
 (`member_state_dict`, `load_member`), so a member's checkpoint resumes it packed or alone.
@@ -43,12 +46,17 @@ class PackedAdamW:
         self.beta1 = per_member(t.beta1 for t in trains)
         self.beta2 = per_member(t.beta2 for t in trains)
         self.weight_decay = per_member(t.weight_decay for t in trains)
-        self.decayed = {name: name in decayed for name in self.params}
         self.grad_clip = per_member(t.grad_clip if t.grad_clip is not None else float("inf") for t in trains)
         self.step_count = torch.zeros(model.k, dtype=torch.float64, device=device)
         self.active = torch.ones(model.k, dtype=torch.bool, device=device)
-        self.exp_avg = {name: torch.zeros_like(p) for name, p in self.params.items()}
-        self.exp_avg_sq = {name: torch.zeros_like(p) for name, p in self.params.items()}
+        # The flat layout: parameter `name` is columns [start, start + size) of a [K, P] tensor.
+        self.sizes = [p[0].numel() for p in self.params.values()]
+        self.decay_mask = torch.cat([torch.full((n,), name in decayed, device=device)
+                                     for name, n in zip(self.params, self.sizes)])
+        dtype = next(iter(self.params.values())).dtype
+        self.exp_avg_flat = torch.zeros(model.k, sum(self.sizes), dtype=dtype, device=device)
+        self.exp_avg_sq_flat = torch.zeros_like(self.exp_avg_flat)
+        self.exp_avg, self.exp_avg_sq = self._views(self.exp_avg_flat), self._views(self.exp_avg_sq_flat)
         if compile:  # a dozen small ops per parameter: launch-bound on a GPU unless compile fuses them
             self.clip_grads, self.step = torch.compile(self.clip_grads), torch.compile(self.step)
 
@@ -67,24 +75,28 @@ class PackedAdamW:
         """One update at each member's lr ([K]); frozen members keep parameters and state."""
         self.step_count += self.active.double()
         steps = self.step_count.clamp(min=1)  # a member frozen before its first step: any value, masked below
-        # The per-member factors [K], each computed in float64 and rounded to fp32 once, as torch's scalars are,
-        # and once a step rather than once a parameter: on a GPU each of these is a kernel of its own.
-        step_size = (lr / (1 - self.beta1 ** steps)).float()
-        bias2_sqrt = (1 - self.beta2 ** steps).sqrt().float()
-        shrink = {True: (1 - lr * self.weight_decay).float(), False: torch.ones_like(step_size)}
-        one_minus_b1, b2, one_minus_b2 = (1 - self.beta1).float(), self.beta2.float(), (1 - self.beta2).float()
-        for name, p in self.params.items():
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            active = self.active.view(shape)
-            g, m, v = p.grad, self.exp_avg[name], self.exp_avg_sq[name]
-            m_new = m.lerp(g, one_minus_b1.view(shape))
-            # addcmul as torch's v.mul_(b2).addcmul_(g, g, value=1 - b2): its kernel rounds as this one does
-            v_new = torch.addcmul(v * b2.view(shape), one_minus_b2.view(shape) * g, g)
-            denom = (v_new.sqrt() / bias2_sqrt.view(shape)).add_(EPS)
-            p_new = p * shrink[self.decayed[name]].view(shape) - step_size.view(shape) * m_new / denom
-            p.copy_(torch.where(active, p_new, p))
-            m.copy_(torch.where(active, m_new, m))
-            v.copy_(torch.where(active, v_new, v))
+        # The per-member factors [K, 1], each computed in float64 and rounded to fp32 once, as torch's scalars are.
+        column = (-1, 1)
+        step_size = (lr / (1 - self.beta1 ** steps)).float().view(column)
+        bias2_sqrt = (1 - self.beta2 ** steps).sqrt().float().view(column)
+        shrink = torch.where(self.decay_mask, (1 - lr * self.weight_decay).float().view(column), 1.0)
+        one_minus_b1, b2, one_minus_b2 = ((x.float().view(column)) for x in (1 - self.beta1, self.beta2, 1 - self.beta2))
+        params = list(self.params.values())
+        p, g = (torch.cat([t.reshape(self.model.k, -1) for t in ts], dim=1) for ts in (params, [q.grad for q in params]))
+        m, v, active = self.exp_avg_flat, self.exp_avg_sq_flat, self.active.view(column)
+        m_new = m.lerp(g, one_minus_b1)
+        # addcmul as torch's v.mul_(b2).addcmul_(g, g, value=1 - b2): its kernel rounds as this one does
+        v_new = torch.addcmul(v * b2, one_minus_b2 * g, g)
+        denom = (v_new.sqrt() / bias2_sqrt).add_(EPS)
+        p_new = torch.where(active, p * shrink - step_size * m_new / denom, p)
+        m.copy_(torch.where(active, m_new, m))
+        v.copy_(torch.where(active, v_new, v))
+        torch._foreach_copy_(params, list(self._views(p_new).values()))
+
+    def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each parameter's [K, ...] view of a flat [K, P] tensor."""
+        return {name: chunk.view(param.shape)
+                for (name, param), chunk in zip(self.params.items(), flat.split(self.sizes, dim=1))}
 
     def zero_grad(self) -> None:
         self.model.zero_grad(set_to_none=True)
