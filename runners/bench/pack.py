@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
             if not args.no_processes:
                 n = min(k, args.max_processes)
                 if n not in by_count:
-                    with mps_daemon(Path(tempfile.mkdtemp(prefix="mps-"))) if args.mps else contextlib.nullcontext({}) as mps:
+                    daemon = mps_daemon(Path(tempfile.mkdtemp(prefix="mps-"))) if args.mps else contextlib.nullcontext({})
+                    with daemon as mps:
                         by_count[n] = time_processes(d, n, args, os.environ | mps)
                 config |= {"processes_at_once": n, "processes_tokens_per_s": round(by_count[n], 1),
                            "processes_compile": compiled and (args.mode or True)}

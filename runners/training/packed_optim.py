@@ -80,9 +80,10 @@ class PackedAdamW:
         step_size = (lr / (1 - self.beta1 ** steps)).float().view(column)
         bias2_sqrt = (1 - self.beta2 ** steps).sqrt().float().view(column)
         shrink = torch.where(self.decay_mask, (1 - lr * self.weight_decay).float().view(column), 1.0)
-        one_minus_b1, b2, one_minus_b2 = ((x.float().view(column)) for x in (1 - self.beta1, self.beta2, 1 - self.beta2))
+        one_minus_b1, b2, one_minus_b2 = (x.float().view(column) for x in (1 - self.beta1, self.beta2, 1 - self.beta2))
         params = list(self.params.values())
-        p, g = (torch.cat([t.reshape(self.model.k, -1) for t in ts], dim=1) for ts in (params, [q.grad for q in params]))
+        p = torch.cat([q.reshape(self.model.k, -1) for q in params], dim=1)
+        g = torch.cat([q.grad.reshape(self.model.k, -1) for q in params], dim=1)
         m, v, active = self.exp_avg_flat, self.exp_avg_sq_flat, self.active.view(column)
         m_new = m.lerp(g, one_minus_b1)
         # addcmul as torch's v.mul_(b2).addcmul_(g, g, value=1 - b2): its kernel rounds as this one does
