@@ -106,10 +106,10 @@ def plan_peak_flops(spec: SweepSpec) -> float | None:
     r = spec.resources
     if r.peak_tflops:
         return r.peak_tflops * 1e12
-    if _device(spec) != "cuda":
-        return None
     import torch
 
+    if _device(spec) != "cuda" or not torch.cuda.is_available():  # a cuda spec planned where there is none
+        return None
     from runners.training.step import peak_flops
 
     return peak_flops(torch.device("cuda", torch.cuda.current_device()))
