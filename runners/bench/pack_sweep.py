@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from runners.bench.log import LOG, append, device
-from runners.bench.sweepstats import trial_runs, under_mps
+from runners.bench.sweepstats import trial_runs, under_mps, window
 from runners.training.step import peak_of
 from sweeps.spec import load_spec
 
@@ -31,7 +31,7 @@ def compare(packed: pd.DataFrame, unpacked: pd.DataFrame, gpus: int, peak: float
     if len(packed) != len(unpacked) or not math.isclose(packed.flops.sum(), unpacked.flops.sum(), rel_tol=1e-9):
         raise SystemExit(f"not twins: {len(packed)} packed trials of {packed.flops.sum():.4g} FLOPs against "
                          f"{len(unpacked)} unpacked of {unpacked.flops.sum():.4g}")
-    wall = {name: runs.end.max() - runs.start.min() for name, runs in (("packed", packed), ("unpacked", unpacked))}
+    wall = {name: end - start for name, (start, end) in (("packed", window(packed)), ("unpacked", window(unpacked)))}
     out = {"speedup_wall": wall["unpacked"] / wall["packed"], "packed_window_s": wall["packed"],
            "unpacked_window_s": wall["unpacked"]}
     if peak:

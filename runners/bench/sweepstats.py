@@ -41,6 +41,11 @@ def busy_fraction(util_csv: Path, window: tuple[float, float]) -> dict[int, floa
     return {int(g): round(float(u), 3) for g, u in inside.groupby("gpu").util.mean().items()}
 
 
+def window(runs: pd.DataFrame) -> tuple[float, float]:
+    """A sweep's window from its trial runs: the first trial's start to the last one's end (seconds)."""
+    return runs.start.min(), runs.end.max()
+
+
 def under_mps() -> bool:
     """Whether this process (and so the sweep it ran after, in run.sh) sees an NVIDIA MPS daemon (MPS=1)."""
     return "CUDA_MPS_PIPE_DIRECTORY" in os.environ
@@ -91,10 +96,10 @@ def main() -> None:
     args = parser.parse_args()
     spec = load_spec(args.spec)
     runs = trial_runs(spec.name)
-    window = (runs.start.min(), runs.end.max())
-    wall = window[1] - window[0]
-    busy = busy_fraction(args.util, window)
-    busy_training = busy_fraction(args.util, (runs.first_step.min(), window[1]))
+    start, end = window(runs)
+    wall = end - start
+    busy = busy_fraction(args.util, (start, end))
+    busy_training = busy_fraction(args.util, (runs.first_step.min(), end))
     gpus = len(busy)
     on = args.on or device()
     peak = peak_of(on)
@@ -108,7 +113,7 @@ def main() -> None:
         ("gpu_hours", wall * gpus / 3600, "GPU-h", {"how": f"wall x {gpus} GPUs"}),
         ("gpu_busy_fraction", sum(busy.values()) / gpus, "fraction", {"per_gpu": busy}),
         ("gpu_busy_fraction_training", sum(busy_training.values()) / gpus, "fraction",
-         {"per_gpu": busy_training, "how": f"from the first training step, {runs.first_step.min() - window[0]:.1f} s into the window"}),
+         {"per_gpu": busy_training, "how": f"from the first training step, {runs.first_step.min() - start:.1f} s into the window"}),
         ("mfu", runs.flops.sum() / (wall * gpus * peak), "fraction", {"how": f"exact FLOPs / (wall x {gpus} x {peak:.3g})"}),
         ("mean_trial_mfu", float(runs.mfu.mean()), "fraction", {"how": "mean of the trials' perf/mfu"}),
     ] + [(f"time_share_{phase}", share, "fraction", {"how": "of the trials' summed wall time, a pack once"})
