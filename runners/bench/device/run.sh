@@ -2,7 +2,8 @@
 # Everything one device call does, in order: unpack the Python packages the GPU machine lacks, then
 # run the named stages. What comes back is two files under $OUT (the device tool returns at most 8 files of
 # 16 MiB each): log.txt, and run.tar.xz holding results/ (laws, points, plots, benchmark log), the MLflow
-# store and the GPU utilisation samples, packed again after every stage so a cut-off call still returns them.
+# store, any search's Optuna study (.scaling/checkpoints/NAME/optuna.db: carry it back to continue the study)
+# and the GPU utilisation samples, packed again after every stage so a cut-off call still returns them.
 #   run.sh bench                      runners.bench.moe_layer moe_layer, runners.bench.step dense_step moe_step
 #   run.sh bench:NAME                 runners.bench.step NAME only (dense_step or moe_step)
 #   run.sh step:ARG,ARG,...           runners.bench.step with these arguments, e.g. step:dense_step,--d-model,768,--profile
@@ -68,7 +69,7 @@ for stage in "$@"; do
   esac 2>&1 | tee -a "$OUT/log.txt" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   (cd $work && ls mlflow.db gpu_util.csv gpus.txt 2>/dev/null) > $work/packed.txt   # no store after benchmarks alone
-  tar -cf - results -C $work -T $work/packed.txt | xz -T0 -6 > "$OUT/run.tar.xz.part" && mv "$OUT/run.tar.xz.part" "$OUT/run.tar.xz"
+  tar -cf - results $(ls .scaling/checkpoints/*/optuna.db 2>/dev/null) -C $work -T $work/packed.txt | xz -T0 -6 > "$OUT/run.tar.xz.part" && mv "$OUT/run.tar.xz.part" "$OUT/run.tar.xz"
 done
 kill $monitor
 [ "${MPS:-0}" = 1 ] && echo quit | nvidia-cuda-mps-control
