@@ -142,6 +142,17 @@ def test_resume_gives_the_uninterrupted_result(data, tmp_path, wsd_reference, wh
     assert [b.val_loss for b in resumed.branches] == pytest.approx([b.val_loss for b in reference.branches], abs=1e-4)
 
 
+def test_a_crash_after_a_resumed_branch_ends_does_not_train_that_branch_again(data, tmp_path, wsd_reference):
+    trial = make_trial(data, 100, **WSD)
+    with pytest.raises(KeyboardInterrupt):  # inside the branch ending at 70 steps (fork at 56): LATEST in it
+        train(trial, data, tmp_path, branch_sinks={40 * BATCH: MemorySink(), 70 * BATCH: MemorySink(stop_at=63 * BATCH)})
+    with pytest.raises(RuntimeError):  # resumed, the branch ends, then a crash before any periodic checkpoint
+        train(trial, data, tmp_path, sink=MemorySink(stop_at=80 * BATCH, stop=RuntimeError))
+    resumed, sink, branch_sinks = train(trial, data, tmp_path)
+    assert not branch_sinks[70 * BATCH].points and min(sink.points[names.LR]) > 56 * BATCH
+    assert resumed.final_val_loss == pytest.approx(wsd_reference[0].final_val_loss, abs=1e-4)
+
+
 def test_finished_trial_returns_its_result_without_training(data, tmp_path):
     trial = make_trial(data, 10, kind="constant")
     first, _, _ = train(trial, data, tmp_path)

@@ -116,6 +116,7 @@ class Trainer:
         # whether it is on disk yet.
         self.forks: dict[int, tuple[dict, dict]] = {}
         self.forks_written = False
+        self.latest_in_branch = False  # whether the members' LATEST on disk was saved inside the branch
         # This attempt only.
         self.unsynced: list[torch.Tensor] = []  # each step's losses, one per member
         self.router: dict[str, torch.Tensor] = {}
@@ -236,7 +237,8 @@ class Trainer:
                     self._load(i, checkpoint.FORK)
                 member.branches_done = done[i]
         self.forks = {}
-        self._save()
+        if self.latest_in_branch:  # it would resume into the finished branch; a LATEST from before the
+            self._save()           # fork (or none) resumes the main run, which comes back through the branch
 
     def _evaluate_main(self) -> None:
         self._flush()
@@ -361,6 +363,7 @@ class Trainer:
                     checkpoint.save_state(member.workdir, checkpoint.FORK, *self.forks[i], self.group)
                 self._checkpoint(i, checkpoint.LATEST)
             self.forks_written = bool(self.forks)
+            self.latest_in_branch = self.branch is not None
         self.last_checkpoint = time.monotonic()
 
     def _load(self, i: int, name: str) -> None:
@@ -390,6 +393,7 @@ class Trainer:
         for i, has in saved.items():
             if has:
                 self._load(i, checkpoint.LATEST)
+        self.latest_in_branch = self.branch is not None
         self.clock = time.perf_counter()
 
     # --- data -----------------------------------------------------------------------------------
