@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -100,6 +101,19 @@ def test_cuda_asked_on_a_cluster_without_gpus_is_one_line_exit_2(tmp_path, sqlit
     assert "runtime.device: 'cuda' but the Ray cluster has no GPUs" in capsys.readouterr().err
     runs = SweepRuns("nocuda", sqlite_uri)
     assert runs.client.get_run(runs.parent_id).info.status == "FAILED"  # the sweep's run ends with it
+
+
+@pytest.mark.slow
+def test_a_gpu_share_on_a_machine_without_gpus_is_one_line_exit_2_not_a_wait(tmp_path, sqlite_uri):
+    # its own process: the Ray a sweep starts itself can never gain a GPU (a cluster it joins might)
+    spec = tiny_spec(tmp_path, name="nogpu", resources={"cpus": 1, "gpus": 0.25})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"MLFLOW_TRACKING_URI": sqlite_uri}
+    done = subprocess.run([sys.executable, "-m", "runners.cli", "run", str(spec)], env=env, capture_output=True,
+                          text=True, timeout=180)  # before the check, Ray waited for a GPU forever
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "error: resources.gpus: 0.25 of a GPU a trial, but this machine has no GPU")
+    assert "Traceback" not in done.stderr and not SweepRuns("nogpu", sqlite_uri).runs(names.ROLE_TRIAL)
 
 
 def test_unique_tokens_beyond_the_training_split_is_one_line_exit_2_before_any_trial(tmp_path, sqlite_uri, capsys):
