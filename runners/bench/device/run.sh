@@ -13,6 +13,7 @@
 #   run.sh packing-mps:SPEC           the same, packed under NVIDIA MPS
 #   run.sh sweep:SPEC                 scaling run SPEC (Ray + MLflow, all GPUs), its export, its GPU use (sweepstats)
 #   run.sh pack_sweep:PACKED,UNPACKED both sweeps trained (as sweep: but no export), then runners.bench.pack_sweep
+#   run.sh tokenize:SOURCE,TOKENIZER  runners.bench.tokenize (encode_batch against encode_batch_fast on 16 cores)
 #   run.sh test:PATH,PATH,...         pytest on these (the GPU-only tests: models.swiglu's and models.flash4's kernels)
 #   run.sh stash-fa4                  keep .fa4/a's piece of FlashAttention-4 on the machine for the next call
 # MPS=1 runs every stage under an NVIDIA MPS daemon of the call's own (kernels of separate processes, such as a
@@ -52,6 +53,7 @@ for stage in "$@"; do
     bench:*) python -m runners.bench.step "${stage#bench:}" ;;
     step:*) args=${stage#step:}; python -m runners.bench.step ${args//,/ } ;;
     pack:*) python -m runners.bench.pack ${stage#pack:} ;;
+    tokenize:*) args=${stage#tokenize:}; python -m runners.bench.tokenize ${args//,/ } ;;
     test:*) args=${stage#test:}; python -m pytest -q -p no:cacheprovider -W ignore ${args//,/ } ;;
     multigpu:*|packing:*) python -m runners.bench.sweep "${stage%%:*}" "${stage#*:}" --util $work/gpu_util.csv ;;
     packing-mps:*) python -m runners.bench.sweep packing "${stage#*:}" --util $work/gpu_util.csv --mps ;;
