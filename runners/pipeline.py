@@ -260,10 +260,12 @@ def _run(spec: SweepSpec, trials, runs: SweepRuns, *, address: str | None, fit: 
     try:
         if spec.runtime.device == "cuda" and not ray.cluster_resources().get("GPU"):
             raise SpecError("runtime.device: 'cuda' but the Ray cluster has no GPUs; use 'auto' or 'cpu'")
-        # A cluster we joined may still add GPU nodes; the Ray started here never will, and Ray would wait forever.
-        if started and spec.resources.gpus not in ("auto", 0) and not ray.cluster_resources().get("GPU"):
-            raise SpecError(f"resources.gpus: {spec.resources.gpus:g} of a GPU a trial, but this machine has no GPU; "
-                            "use 'auto' (or 0) to train here on the CPU, or submit to a cluster with GPUs (RAY_ADDRESS)")
+        # A share of a GPU (a gang of W >= 2 runs as W CPU processes instead): a cluster we joined may still add
+        # GPU nodes, but the Ray started here never will, and would hold the trials waiting forever.
+        gpus = spec.resources.gpus
+        if started and gpus != "auto" and 0 < gpus < 2 and not ray.cluster_resources().get("GPU"):
+            raise SpecError(f"resources.gpus: {gpus:g} of a GPU a trial, but this machine has no GPU; use 'auto' "
+                            "(or 0) to train here on the CPU, or submit to a cluster with GPUs (RAY_ADDRESS)")
         outcome = run_trials(spec, trials, runs, cache_dir=cache_dir)
     finally:
         if started:
