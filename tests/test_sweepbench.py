@@ -25,7 +25,8 @@ def test_trial_runs_reads_each_trials_window_and_flops_from_a_real_sweep(tmp_pat
     import pandas as pd
 
     from runners.cli import main
-    from runners.bench.sweepstats import time_shares, trial_runs
+    from runners.bench.sweepstats import data_prep_seconds, time_shares, trial_runs
+    from sweeps.spec import load_spec
     from tests.helpers import tiny_spec
 
     spec = tiny_spec(tmp_path, name="stats", train={"lr": [3e-3, 1e-2]})  # 4 shapes x 2 lrs: 4 packs of 2
@@ -42,6 +43,7 @@ def test_trial_runs_reads_each_trials_window_and_flops_from_a_real_sweep(tmp_pat
     assert runs.total.notna().all() and (runs.total <= runs.end - runs.start + 1.0).all()
     shares = time_shares(runs)
     assert min(shares.values()) >= 0 and shares["train"] > 0 and sum(shares.values()) == pytest.approx(1.0)
+    assert data_prep_seconds(load_spec(spec)) > 0  # its token cache, built before the first trial
     # the same trials one task each, in the same store: pack_sweep's twin, and its figures from the two windows
     import json
 

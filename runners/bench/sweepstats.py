@@ -11,13 +11,16 @@ driver's own start (imports, Ray, the MLflow store) nor the first Ray workers':
 - mfu: the exact training FLOPs of every trial's main run (branch decays not counted) over wall x GPUs x
   peak; mean_trial_mfu: the mean of the trials' own perf/mfu (each over one whole GPU's peak);
 - time_share_<phase>: where the trials' time went (names.TIME_PHASES: setup, first interval, training,
-  evaluations, checkpoints, other), as shares of their summed wall time, a pack counted once.
+  evaluations, checkpoints, other), as shares of their summed wall time, a pack counted once;
+- data_prep_s: what building the token cache the sweep read took (before the window, once per machine: the
+  four Gutenberg shards held a GPU call's first two minutes).
 run.sh calls it after every sweep stage; --on and --at name the device and commit when it runs elsewhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from datetime import timezone
 from pathlib import Path
@@ -27,6 +30,7 @@ import pandas as pd
 
 from runners.tracking import names
 from runners.bench.log import append, device
+from runners.data.store import META, prepare_data
 from runners.training.step import peak_of
 from sweeps.spec import load_spec
 
@@ -87,6 +91,12 @@ def time_shares(runs: pd.DataFrame) -> dict[str, float]:
     return {p: float(tasks[p].sum() / total) for p in names.TIME_PHASES if p != "total"} if total > 0 else {}
 
 
+def data_prep_seconds(spec) -> float:
+    """Seconds that splitting, reading the tokenizer and tokenizing took when the sweep's token cache was built."""
+    meta = json.loads((prepare_data(spec.data).directory / META).read_text())
+    return meta["split_and_tokenizer_seconds"] + meta["tokenize_seconds"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", type=Path)
@@ -117,7 +127,8 @@ def main() -> None:
         ("mfu", runs.flops.sum() / (wall * gpus * peak), "fraction", {"how": f"exact FLOPs / (wall x {gpus} x {peak:.3g})"}),
         ("mean_trial_mfu", float(runs.mfu.mean()), "fraction", {"how": "mean of the trials' perf/mfu"}),
     ] + [(f"time_share_{phase}", share, "fraction", {"how": "of the trials' summed wall time, a pack once"})
-         for phase, share in time_shares(runs).items()]
+         for phase, share in time_shares(runs).items()] + [
+        ("data_prep_s", data_prep_seconds(spec), "s", {"how": "building the token cache, before the window (once per machine)"})]
     for metric, value, unit, extra in figures:
         line = append("sweep", metric, round(float(value), 4), unit, config | extra, on=on, at=args.at)
         print(f"sweep {metric}: {line['value']} {unit}")
