@@ -32,7 +32,7 @@ from runners.tracking import names
 from runners.bench.log import append, device
 from runners.data.store import META, prepare_data
 from runners.training.step import peak_of
-from sweeps.spec import load_spec
+from sweeps.spec import SweepSpec, load_spec
 
 
 def busy_fraction(util_csv: Path, window: tuple[float, float]) -> dict[int, float]:
@@ -91,7 +91,7 @@ def time_shares(runs: pd.DataFrame) -> dict[str, float]:
     return {p: float(tasks[p].sum() / total) for p in names.TIME_PHASES if p != "total"} if total > 0 else {}
 
 
-def data_prep_seconds(spec) -> float:
+def data_prep_seconds(spec: SweepSpec) -> float:
     """Seconds that splitting, reading the tokenizer and tokenizing took when the sweep's token cache was built."""
     meta = json.loads((prepare_data(spec.data).directory / META).read_text())
     return meta["split_and_tokenizer_seconds"] + meta["tokenize_seconds"]

@@ -16,7 +16,7 @@ import tokenizers
 
 from runners.bench.log import append
 from runners.data.corpus import read_documents
-from runners.data.store import CHUNK_CHARS, _chunks
+from runners.data.store import CHUNK_CHARS, document_chunks
 from sweeps.trial import DataConfig
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     for name in ("encode_batch", "encode_batch_fast"):
         encode = getattr(tokenizer, name)
         started = time.perf_counter()
-        ids[name] = [e.ids for chunk in _chunks(docs, CHUNK_CHARS) for e in encode(chunk, add_special_tokens=False)]
+        ids[name] = [e.ids for chunk in document_chunks(docs, CHUNK_CHARS) for e in encode(chunk, add_special_tokens=False)]
         seconds[name] = time.perf_counter() - started
     if ids["encode_batch"] != ids["encode_batch_fast"]:
         raise SystemExit("error: encode_batch_fast gave other ids than encode_batch")

@@ -250,7 +250,7 @@ def _write_tokens(documents: Iterable[str], tokenizer: Tokenizer, val_threshold:
     """Append each document's tokens and an end-of-document id to train.bin or val.bin; returns the counts."""
     counts = {"train_tokens": 0, "val_tokens": 0, "train_documents": 0, "val_documents": 0}
     with open(folder / TRAIN, "wb") as train, open(folder / VAL, "wb") as val:
-        for docs in _chunks(documents, CHUNK_CHARS):
+        for docs in document_chunks(documents, CHUNK_CHARS):
             for doc, ids in zip(docs, tokenizer.encode_batch(docs)):
                 split = "val" if split_hash(doc) <= val_threshold else "train"
                 np.append(ids, tokenizer.eod).astype(dtype).tofile(val if split == "val" else train)
@@ -277,7 +277,7 @@ def _tokenizer_of(cfg: DataConfig, folder: Path) -> Tokenizer:
     return load_tokenizer_file(Path(cfg.tokenizer).expanduser())
 
 
-def _chunks(documents: Iterable[str], max_chars: int) -> Iterator[list[str]]:
+def document_chunks(documents: Iterable[str], max_chars: int) -> Iterator[list[str]]:
     """Consecutive documents grouped until a group holds about max_chars characters."""
     group: list[str] = []
     size = 0
