@@ -9,7 +9,7 @@ import pytest
 from runners.tracking import names
 from runners.cli import main
 from runners.pipeline import plan
-from runners.scheduling.search import GridSource, storage_url
+from runners.scheduling.search import GridSource, Pruning, pruning_callback, storage_url
 from sweeps.spec import load_spec
 from tests.helpers import tiny_spec, trial_runs
 
@@ -53,6 +53,22 @@ def test_search_runs_on_ray_and_a_rerun_continues_the_study(tmp_path, sqlite_uri
     more = search_spec(tmp_path, trials=6)  # a bigger budget continues the same study
     assert main(["run", str(more)]) == 0
     assert len(studies(more)[0].get_trials()) == 6 and len(trial_runs("search", sqlite_uri)) == 6
+
+
+@pytest.mark.parametrize("pruner", ["median", "none"])
+def test_the_worker_prunes_with_the_specs_pruner_and_not_before_its_first_tokens(tmp_path, pruner):
+    """A loaded study forgets its pruner (Optuna's default is a median one): the worker must build the spec's."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    for _ in range(3):  # three finished trials with low losses: what a median pruner needs to start
+        done = study.ask()
+        for tokens in (100, 500):
+            done.report(1.0, step=tokens)
+        study.tell(done, 1.0)
+    asked = study.ask()
+    should_stop = pruning_callback(Pruning(storage, "s", asked._trial_id, pruner, prune_from_tokens=250))
+    assert not should_stop(100, 9.0)  # worse than every other trial, but before 250 tokens
+    assert should_stop(500, 9.0) == (pruner == "median")
 
 
 def test_a_grid_offers_its_largest_trials_first(tmp_path):
