@@ -52,8 +52,8 @@ class HFTokenizer:
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        # the same ids as encode_batch without the offsets it tracks: 1.5x to 1.9x faster on 40 MB of Gutenberg
-        # (2 cores; runners.bench.tokenize), and tokenizing the corpus is what a GPU call waits on first
+        # the same ids as encode_batch without the offsets it tracks: 1.5x faster on 40 MB of Gutenberg
+        # (2 cores; runners.bench.tokenize, results/benchmarks.jsonl), and tokenizing is what a GPU call waits on first
         encodings = self.tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
 
