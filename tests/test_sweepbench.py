@@ -25,7 +25,7 @@ def test_trial_runs_reads_each_trials_window_and_flops_from_a_real_sweep(tmp_pat
     import pandas as pd
 
     from runners.cli import main
-    from runners.bench.sweepstats import data_prep_seconds, time_shares, trial_runs
+    from runners.bench.sweepstats import data_prep_seconds, flops_between, time_shares, trial_runs, window, within_samples
     from sweeps.spec import load_spec
     from tests.helpers import tiny_spec
 
@@ -44,6 +44,17 @@ def test_trial_runs_reads_each_trials_window_and_flops_from_a_real_sweep(tmp_pat
     shares = time_shares(runs)
     assert min(shares.values()) >= 0 and shares["train"] > 0 and sum(shares.values()) == pytest.approx(1.0)
     assert data_prep_seconds(load_spec(spec)) > 0  # its token cache, built before the first trial
+    # FLOPs inside a window, from the logged FLOPs so far: the whole window holds every trial's exact FLOPs; a
+    # device call's samples that begin mid-sweep clip the window, and the FLOPs are those done after they began
+    start, end = window(runs)
+    assert flops_between(runs.run_id, (start, end)) == pytest.approx(runs.flops.sum(), rel=1e-6)
+    middle = float(runs.first_step.sort_values().iloc[len(runs) // 2])  # a step that was logged
+    util = tmp_path / "util.csv"
+    util.write_text("".join(f"{datetime.fromtimestamp(t, timezone.utc):%Y/%m/%d %H:%M:%S.%f}, 0, 50 %, 9 MiB\n"
+                            for t in (middle - 1e-3, end + 60)))
+    assert within_samples(runs, util) == pytest.approx((middle, end), abs=1e-3)  # its first step; nvidia-smi's ms
+    later = flops_between(runs.run_id, (middle, end))
+    assert 0 < later < runs.flops.sum()
     # the same trials one task each, in the same store: pack_sweep's twin, and its figures from the two windows
     import json
 
